@@ -1,0 +1,127 @@
+"""Patched checkpoints: base weights + the tensors the patch added + `moe_sft_config.json`.
+
+`save_pretrained` writes one atomically; `from_pretrained` loads the base weights with stock
+transformers (which drops the extra keys), patches the model with the saved config (which
+creates the extra tensors with their initial values) and then fills every extra tensor from
+the checkpoint, refusing a checkpoint that lacks one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .config import CONFIG_NAME, MoESFTConfig
+from .io import atomic_directory
+from .patching import PatchHandle, get_handle, patch_model
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing files or tensors; the message names them."""
+
+
+def save_pretrained(model: PreTrainedModel, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, **kwargs) -> Path:
+    """Save a patched (or stock) model to `out_dir` atomically. Extra keyword arguments go
+    to `model.save_pretrained` (e.g. `max_shard_size`)."""
+    handle = get_handle(model)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if handle is not None:
+            handle.config.save(tmp)
+    n_extra = len(handle.extra_state_dict()) if handle is not None else 0
+    logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, out_dir, n_extra)
+    return out_dir
+
+
+def _local_dir(path: str, **hub_kwargs) -> Path | None:
+    """`path` as a local folder, downloading a hub repo only if it is a patched checkpoint."""
+    if os.path.isdir(path):
+        return Path(path)
+    from transformers.utils import cached_file
+
+    found = cached_file(path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if found is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs))
+
+
+def _read_tensors(directory: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors files; is this a saved model folder?")
+    found: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys.intersection(f.keys()):
+                found[key] = f.get_tensor(key)
+    return found
+
+
+def load_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> int:
+    """Fill the patch's extra tensors from the safetensors files in `directory`."""
+    directory = Path(directory)
+    expected = handle.extra_state_dict()
+    if not expected:
+        return 0
+    found = _read_tensors(directory, set(expected))
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise CheckpointError(
+            f"{directory} lacks {len(missing)} tensor(s) that its {CONFIG_NAME} needs, e.g. {missing[:3]}; "
+            "the checkpoint was not saved from a model patched with this config"
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            src = found[key]
+            if src.shape != target.shape:
+                raise CheckpointError(f"{directory}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
+            target.copy_(src.to(target.dtype))
+    return len(expected)
+
+
+def from_pretrained(
+    path: str | os.PathLike, config: MoESFTConfig | None = None, **kwargs
+) -> PreTrainedModel:
+    """Load a model saved by `moe-sft patch` / `save_pretrained`, patched exactly as saved.
+
+    path    a local folder or a hub id
+    config  patch a checkpoint that has no moe_sft_config.json with this config (a folder
+            that has one is always restored with its own; passing both is an error)
+    kwargs  go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...)
+
+    A stock checkpoint with `config=None` is returned unpatched.
+    """
+    path = str(path)
+    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+    local = _local_dir(path, **hub_kwargs)
+    saved = local is not None and (local / CONFIG_NAME).is_file()
+    if saved and config is not None:
+        raise ValueError(f"{path} already holds a {CONFIG_NAME}; load it without `config=` (it is restored as saved)")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if saved:
+        handle = patch_model(model, MoESFTConfig.load(local))
+        n = load_extra_tensors(handle, local)
+        # transformers' load report above lists these tensors as UNEXPECTED: they are ours.
+        logger.info("moe_sft: restored patched model from %s (%d moe_sft tensors loaded by moe_sft)", path, n)
+    elif config is not None:
+        patch_model(model, config)
+    return model
+
+
+def read_saved_config(path: str | os.PathLike) -> dict | None:
+    """The saved moe_sft config of a local checkpoint folder, or None for a stock one."""
+    file = Path(path) / CONFIG_NAME
+    return json.loads(file.read_text()) if file.is_file() else None

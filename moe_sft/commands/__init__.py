@@ -1,0 +1,1 @@
+"""One module per `moe-sft` verb (see `moe_sft.cli.VERBS`)."""

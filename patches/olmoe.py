@@ -1,0 +1,22 @@
+"""OLMoE: softmax router, top-k renormalised only when `norm_topk_prob`, no shared expert,
+every layer sparse."""
+
+from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+
+
+@register_family
+class OlmoeAdapter(FamilyAdapter):
+    model_types = ("olmoe",)
+    module_path = "transformers.models.olmoe.modeling_olmoe"
+    block_class_name = "OlmoeSparseMoeBlock"
+    router_class_name = "OlmoeTopKRouter"
+    experts_class_name = "OlmoeExperts"
+    has_aux_loss = True
+
+    def router_spec(self, config) -> RouterSpec:
+        return RouterSpec(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            score_func="softmax",
+            norm_topk_prob=bool(config.norm_topk_prob),
+        )

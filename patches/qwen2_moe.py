@@ -1,0 +1,23 @@
+"""Qwen1.5-MoE / Qwen2-MoE: softmax router, optional top-k renormalisation, a gated shared
+expert; dense layers where `mlp_only_layers` / `decoder_sparse_step` say so."""
+
+from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+
+
+@register_family
+class Qwen2MoeAdapter(FamilyAdapter):
+    model_types = ("qwen2_moe",)
+    module_path = "transformers.models.qwen2_moe.modeling_qwen2_moe"
+    block_class_name = "Qwen2MoeSparseMoeBlock"
+    router_class_name = "Qwen2MoeTopKRouter"
+    experts_class_name = "Qwen2MoeExperts"
+    shared_experts = "gated"
+    has_aux_loss = True
+
+    def router_spec(self, config) -> RouterSpec:
+        return RouterSpec(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            score_func="softmax",
+            norm_topk_prob=bool(config.norm_topk_prob),
+        )

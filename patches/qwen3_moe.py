@@ -1,0 +1,22 @@
+"""Qwen3-MoE (e.g. Qwen3-30B-A3B): softmax router, top-k renormalised when
+`norm_topk_prob`, no shared expert."""
+
+from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+
+
+@register_family
+class Qwen3MoeAdapter(FamilyAdapter):
+    model_types = ("qwen3_moe",)
+    module_path = "transformers.models.qwen3_moe.modeling_qwen3_moe"
+    block_class_name = "Qwen3MoeSparseMoeBlock"
+    router_class_name = "Qwen3MoeTopKRouter"
+    experts_class_name = "Qwen3MoeExperts"
+    has_aux_loss = True
+
+    def router_spec(self, config) -> RouterSpec:
+        return RouterSpec(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            score_func="softmax",
+            norm_topk_prob=bool(config.norm_topk_prob),
+        )

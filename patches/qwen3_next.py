@@ -1,0 +1,23 @@
+"""Qwen3-Next: the Qwen2-MoE routing (softmax, optional renormalisation, gated shared
+expert) under hybrid linear/full attention."""
+
+from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+
+
+@register_family
+class Qwen3NextAdapter(FamilyAdapter):
+    model_types = ("qwen3_next",)
+    module_path = "transformers.models.qwen3_next.modeling_qwen3_next"
+    block_class_name = "Qwen3NextSparseMoeBlock"
+    router_class_name = "Qwen3NextTopKRouter"
+    experts_class_name = "Qwen3NextExperts"
+    shared_experts = "gated"
+    has_aux_loss = True
+
+    def router_spec(self, config) -> RouterSpec:
+        return RouterSpec(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            score_func="softmax",
+            norm_topk_prob=bool(config.norm_topk_prob),
+        )
