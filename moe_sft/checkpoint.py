@@ -1,9 +1,17 @@
 """Patched checkpoints: base weights + the tensors the patch added + `moe_sft_config.json`.
 
+Layout of a patched checkpoint folder:
+    config.json, model*.safetensors   the base model, exactly as stock transformers saves it
+    moe_sft_tensors.safetensors       the tensors the patch added, keyed by their runtime names
+    moe_sft_config.json               the MoESFTConfig the model was patched with
+
+The added tensors get their own file because transformers 5 may rename keys on save for some
+families (Mixtral is saved in its original per-expert layout), and because a stock
+transformers load of the folder should see a clean stock checkpoint.
+
 `save_pretrained` writes one atomically; `from_pretrained` loads the base weights with stock
-transformers (which drops the extra keys), patches the model with the saved config (which
-creates the extra tensors with their initial values) and then fills every extra tensor from
-the checkpoint, refusing a checkpoint that lacks one.
+transformers, patches the model with the saved config (creating the extra tensors with their
+initial values) and fills every extra tensor from the checkpoint, refusing one that lacks any.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .config import CONFIG_NAME, MoESFTConfig
@@ -22,6 +30,8 @@ from .io import atomic_directory
 from .patching import PatchHandle, get_handle, patch_model
 
 logger = logging.getLogger(__name__)
+
+TENSORS_NAME = "moe_sft_tensors.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -33,15 +43,30 @@ def save_pretrained(model: PreTrainedModel, out_dir: str | os.PathLike, *, token
     to `model.save_pretrained` (e.g. `max_shard_size`)."""
     handle = get_handle(model)
     out_dir = Path(out_dir)
+    extra = handle.extra_state_dict() if handle is not None else {}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, **kwargs)
+        if extra:
+            base = {k: v for k, v in model.state_dict().items() if k not in extra}
+            model.save_pretrained(tmp, state_dict=base, **kwargs)
+        else:
+            model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if handle is not None:
+            save_extra_tensors(handle, tmp)
             handle.config.save(tmp)
-    n_extra = len(handle.extra_state_dict()) if handle is not None else 0
-    logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, out_dir, n_extra)
+    logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, out_dir, len(extra))
     return out_dir
+
+
+def save_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> Path | None:
+    """Write the patch's extra tensors to `directory/moe_sft_tensors.safetensors`."""
+    extra = handle.extra_state_dict()
+    if not extra:
+        return None
+    path = Path(directory) / TENSORS_NAME
+    save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata={"format": "pt"})
+    return path
 
 
 def _local_dir(path: str, **hub_kwargs) -> Path | None:
@@ -58,36 +83,30 @@ def _local_dir(path: str, **hub_kwargs) -> Path | None:
     return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs))
 
 
-def _read_tensors(directory: Path, keys: set[str]) -> dict[str, torch.Tensor]:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory}: no *.safetensors files; is this a saved model folder?")
-    found: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in keys.intersection(f.keys()):
-                found[key] = f.get_tensor(key)
-    return found
-
-
 def load_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> int:
-    """Fill the patch's extra tensors from the safetensors files in `directory`."""
+    """Fill the patch's extra tensors from `directory/moe_sft_tensors.safetensors`."""
     directory = Path(directory)
     expected = handle.extra_state_dict()
     if not expected:
         return 0
-    found = _read_tensors(directory, set(expected))
+    path = directory / TENSORS_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has a {CONFIG_NAME} whose methods add {len(expected)} tensor(s), but no {TENSORS_NAME}; "
+            "save patched models with moe_sft.save_pretrained (or `moe-sft patch`)"
+        )
+    found = load_file(str(path))
     missing = sorted(set(expected) - set(found))
     if missing:
         raise CheckpointError(
-            f"{directory} lacks {len(missing)} tensor(s) that its {CONFIG_NAME} needs, e.g. {missing[:3]}; "
+            f"{path} lacks {len(missing)} tensor(s) that its {CONFIG_NAME} needs, e.g. {missing[:3]}; "
             "the checkpoint was not saved from a model patched with this config"
         )
     with torch.no_grad():
         for key, target in expected.items():
             src = found[key]
             if src.shape != target.shape:
-                raise CheckpointError(f"{directory}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
+                raise CheckpointError(f"{path}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
             target.copy_(src.to(target.dtype))
     return len(expected)
 
@@ -114,7 +133,6 @@ def from_pretrained(
     if saved:
         handle = patch_model(model, MoESFTConfig.load(local))
         n = load_extra_tensors(handle, local)
-        # transformers' load report above lists these tensors as UNEXPECTED: they are ours.
         logger.info("moe_sft: restored patched model from %s (%d moe_sft tensors loaded by moe_sft)", path, n)
     elif config is not None:
         patch_model(model, config)
