@@ -69,6 +69,8 @@ class FamilyAdapter:
     shared_experts    "none"; "gated" (Qwen2-MoE: sigmoid(shared_expert_gate(x)) *
                       shared_expert(x)); "plain" (DeepSeek/GLM: shared_experts(x))
     has_aux_loss      the family's CausalLM adds a load-balancing aux loss
+    expert_count_field  the config field holding the number of routed experts (rewritten
+                      when experts are physically removed)
     """
 
     model_types: tuple[str, ...] = ()
@@ -78,6 +80,7 @@ class FamilyAdapter:
     experts_class_name: str = ""
     shared_experts: Literal["none", "gated", "plain"] = "none"
     has_aux_loss: bool = False
+    expert_count_field: str = ""
 
     # ---- facts a subclass must give -------------------------------------------------
     def router_spec(self, config) -> RouterSpec:
@@ -146,6 +149,10 @@ class FamilyAdapter:
         def fail(piece: str):
             raise PatchError(f"{where} ({cls}): {piece}. {support_hint()}")
 
+        def shape(t: torch.Tensor) -> torch.Size:
+            # DeepSpeed ZeRO-3 (zero.Init) partitions parameters to size 0; ds_shape is the real one.
+            return getattr(t, "ds_shape", t.shape)
+
         gate = getattr(block, "gate", None)
         experts = getattr(block, "experts", None)
         if gate is None:
@@ -153,7 +160,7 @@ class FamilyAdapter:
         if not isinstance(gate, self.router_class):
             fail(f"`.gate` is a {type(gate).__name__}, expected {self.router_class_name}")
         weight = getattr(gate, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        if not isinstance(weight, torch.Tensor) or len(shape(weight)) != 2:
             fail("`.gate.weight` (num_experts, hidden) is missing")
         if experts is None:
             fail("no fused experts at `.experts`")
@@ -161,15 +168,16 @@ class FamilyAdapter:
             fail(f"`.experts` is a {type(experts).__name__}, expected {self.experts_class_name}")
         for name, ndim in (("gate_up_proj", 3), ("down_proj", 3)):
             p = getattr(experts, name, None)
-            if not isinstance(p, torch.Tensor) or p.dim() != ndim:
+            if not isinstance(p, torch.Tensor) or len(shape(p)) != ndim:
                 fail(f"`.experts.{name}` is not a fused 3-D expert tensor (transformers < 5 layout?)")
         if not hasattr(type(experts).forward, "__wrapped__") or not hasattr(experts, "config"):
             fail("`.experts` is not dispatched by @use_experts_implementation")
         E = self.router_spec(config).num_experts
-        if weight.shape[0] != E or experts.gate_up_proj.shape[0] != E or experts.down_proj.shape[0] != E:
+        counts = [shape(t)[0] for t in (weight, experts.gate_up_proj, experts.down_proj)]
+        if counts != [E, E, E]:
             fail(
-                f"expert count mismatch: config says {E}, gate.weight has {weight.shape[0]}, "
-                f"gate_up_proj has {experts.gate_up_proj.shape[0]}, down_proj has {experts.down_proj.shape[0]}"
+                f"expert count mismatch: config says {E}, gate.weight has {counts[0]}, "
+                f"gate_up_proj has {counts[1]}, down_proj has {counts[2]}"
             )
         for attr in {"gated": ("shared_expert", "shared_expert_gate"), "plain": ("shared_experts",), "none": ()}[
             self.shared_experts

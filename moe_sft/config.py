@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 
 CONFIG_NAME = "moe_sft_config.json"
+
+# Numbers like 1e-5 that PyYAML (YAML 1.1) leaves as strings.
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -83,6 +87,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if inner is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string; users mean a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -178,6 +184,12 @@ class MoESFTConfig:
     # MoE layer during training forwards; read it with `PatchHandle.usage()`.
     track_usage: bool = False
     routing: RoutingConfig | None = None
+    condenser: CondenserConfig | None = None
+    moe_bias_head: MoEBiasHeadConfig | None = None
+    frozen_router: FrozenRouterConfig | None = None
+    densemixer: DenseMixerConfig | None = None
+    esft: ESFTConfig | None = None
+    lora: LoraBlockConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> MoESFTConfig:
@@ -188,7 +200,8 @@ class MoESFTConfig:
         return from_dict(cls, apply_overrides(load_yaml(path), overrides or []))
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        """Plain data; blocks that are off (None) are left out, so saved configs stay short."""
+        return {k: v for k, v in to_dict(self).items() if v is not None}
 
     def save(self, directory: str | Path) -> Path:
         from .io import atomic_write_text
@@ -199,3 +212,12 @@ class MoESFTConfig:
     def load(cls, directory: str | Path) -> MoESFTConfig:
         path = Path(directory) / CONFIG_NAME
         return from_dict(cls, json.loads(path.read_text()))
+
+
+# Method config blocks, imported last: their modules import this one (ConfigError, MoESFTConfig).
+from .moe_bias_head import MoEBiasHeadConfig  # noqa: E402
+from .densemixer import DenseMixerConfig  # noqa: E402
+from .esft import ESFTConfig  # noqa: E402
+from .frozen_router import FrozenRouterConfig  # noqa: E402
+from .lora import LoraBlockConfig  # noqa: E402
+from .condenser import CondenserConfig  # noqa: E402

@@ -18,7 +18,14 @@ import importlib
 from typing import Any, Callable
 
 # Modules that register a method when imported (imported lazily by `get_method`).
-METHOD_MODULES: tuple[str, ...] = ()
+METHOD_MODULES: tuple[str, ...] = (
+    "moe_sft.moe_bias_head",
+    "moe_sft.frozen_router",
+    "moe_sft.densemixer",
+    "moe_sft.esft",
+    "moe_sft.lora",
+    "moe_sft.condenser",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +33,10 @@ class Method:
     name: str
     apply: Callable[[Any, Any], None]
     callbacks: Callable[[Any, Any], list] | None = None
+    # resolve(block) -> the block to apply (None: off), given the config's block (None when
+    # absent). `patch_model` runs it once, before patching, and keeps the resolved config as
+    # `handle.config` (so checkpoints save what ran); e.g. environment-variable overrides.
+    resolve: Callable[[Any], Any] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -48,6 +59,17 @@ def get_method(name: str) -> Method:
     if name not in _METHODS:
         raise KeyError(f"no method registered for config block {name!r}; known: {sorted(_METHODS)}")
     return _METHODS[name]
+
+
+def resolve_config(config):
+    """`config` with every method's `resolve` applied: the config a patch actually runs."""
+    _load()
+    changes = {
+        name: method.resolve(getattr(config, name))
+        for name, method in _METHODS.items()
+        if method.resolve is not None and hasattr(config, name)
+    }
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def enabled_methods(config) -> list[tuple[Method, Any]]:

@@ -24,7 +24,8 @@ def moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     routing = route(ctl.spec, logits, ctl, adapter.selection_correction(self), x)
 
     # (T, H): routed + forced experts in one pass of the fused experts module.
-    y = self.experts(x, routing.index, routing.weights)
+    weights = routing.weights.detach() if ctl.detach_combine_weights else routing.weights
+    y = self.experts(x, routing.index, weights)
     for hook in ctl.output_hooks:
         y = hook(self, x, routing, y)
     shared = adapter.shared_output(self, x)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import FamilyAdapter, PatchError, get_adapter
 from .config import ConfigError, MoESFTConfig
-from .methods import enabled_methods
+from .methods import enabled_methods, resolve_config
 from .moe_forward import patched_class
 from .routing import MoEControls, UsageStats
 
@@ -145,6 +145,7 @@ def patch_model(model: nn.Module, config: MoESFTConfig | None = None) -> PatchHa
         raise PatchError(
             f"{type(model).__name__} is already patched by moe_sft; call handle.revert() before patching again"
         )
+    config = resolve_config(config)  # e.g. MOE_BIAS_* environment overrides, read now
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     moe_indices = adapter.moe_layer_indices(model)

@@ -12,6 +12,9 @@ extension points the methods use, all held per MoE layer by a `MoEControls` modu
                     (default: their own score s_e, normalised with the routed weights)
     output_hooks    callables (block, x, routing, y) -> y run on the combined expert output
                     (dense-gradient mode, experts outside the fused tensors)
+    detach_combine_weights  the experts combine with gate weights cut from the autograd
+                    graph (same values); a method that sets it gives the router its gradient
+                    by another path (DenseMixer's output hook)
     usage           per-step usage statistics (`UsageStats`)
 
 With every point unset, `route` reproduces the family's stock router exactly.
@@ -100,6 +103,7 @@ class MoEControls(nn.Module):
         self.forced_weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.allow_overlap = False
         self.output_hooks: list[Callable] = []
+        self.detach_combine_weights = False
         self.usage: UsageStats | None = None
 
     def extra_repr(self) -> str:

@@ -26,6 +26,7 @@ _COMMON = dict(
 )
 
 _MLA = dict(  # DeepSeek multi-head latent attention, scaled down
+    num_key_value_heads=4,  # MLA has one KV head per query head, as in the real configs
     kv_lora_rank=16,
     q_lora_rank=None,
     qk_nope_head_dim=8,
@@ -160,3 +161,32 @@ def tiny_batch(model: PreTrainedModel, *, batch: int = 2, seq: int = 12, seed: i
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+# Character-level chat template for the tiny tokenizer: each turn is "<s>role: content</s>\n".
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """An offline character-level tokenizer whose ids fit every tiny model's vocabulary (128):
+    <pad>=0, <s>=1, </s>=2 (the tiny configs' pad/bos/eos), <unk>=3, then printable ASCII.
+    It has a chat template and gives character offsets, like the fast tokenizers of real models."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer

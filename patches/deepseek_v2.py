@@ -13,6 +13,7 @@ class DeepseekV2Adapter(FamilyAdapter):
     router_class_name = "DeepseekV2TopkRouter"
     experts_class_name = "DeepseekV2Experts"
     shared_experts = "plain"
+    expert_count_field = "n_routed_experts"
 
     def router_spec(self, config) -> RouterSpec:
         method = config.topk_method

@@ -9,6 +9,7 @@ class SigmoidGroupRouterAdapter(FamilyAdapter):
     """Shared by the families whose router is DeepSeek-V3's noaux_tc router."""
 
     shared_experts = "plain"
+    expert_count_field = "n_routed_experts"
 
     def router_spec(self, config) -> RouterSpec:
         return RouterSpec(

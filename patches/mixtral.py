@@ -13,6 +13,7 @@ class MixtralAdapter(FamilyAdapter):
     block_class_name = "MixtralSparseMoeBlock"
     router_class_name = "MixtralTopKRouter"
     experts_class_name = "MixtralExperts"
+    expert_count_field = "num_local_experts"
     has_aux_loss = True
 
     def router_spec(self, config) -> RouterSpec:

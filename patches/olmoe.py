@@ -11,6 +11,7 @@ class OlmoeAdapter(FamilyAdapter):
     block_class_name = "OlmoeSparseMoeBlock"
     router_class_name = "OlmoeTopKRouter"
     experts_class_name = "OlmoeExperts"
+    expert_count_field = "num_experts"
     has_aux_loss = True
 
     def router_spec(self, config) -> RouterSpec:

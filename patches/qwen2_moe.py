@@ -12,6 +12,7 @@ class Qwen2MoeAdapter(FamilyAdapter):
     router_class_name = "Qwen2MoeTopKRouter"
     experts_class_name = "Qwen2MoeExperts"
     shared_experts = "gated"
+    expert_count_field = "num_experts"
     has_aux_loss = True
 
     def router_spec(self, config) -> RouterSpec:

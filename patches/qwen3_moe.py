@@ -11,6 +11,7 @@ class Qwen3MoeAdapter(FamilyAdapter):
     block_class_name = "Qwen3MoeSparseMoeBlock"
     router_class_name = "Qwen3MoeTopKRouter"
     experts_class_name = "Qwen3MoeExperts"
+    expert_count_field = "num_experts"
     has_aux_loss = True
 
     def router_spec(self, config) -> RouterSpec:

@@ -12,6 +12,7 @@ class Qwen3NextAdapter(FamilyAdapter):
     router_class_name = "Qwen3NextTopKRouter"
     experts_class_name = "Qwen3NextExperts"
     shared_experts = "gated"
+    expert_count_field = "num_experts"
     has_aux_loss = True
 
     def router_spec(self, config) -> RouterSpec:

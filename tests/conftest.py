@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Two cores on CI: keep each test process from oversubscribing them.
-torch.set_num_threads(int(os.environ.get("MOE_SFT_TEST_THREADS", "2")))
+# Tiny models: one intra-op thread is faster than two (and subprocess tests get the other core).
+torch.set_num_threads(int(os.environ.get("MOE_SFT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

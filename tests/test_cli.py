@@ -93,3 +93,17 @@ def test_import_patches_nothing():
     assert m.Qwen3MoeSparseMoeBlock.forward is before
     model = tiny_model("qwen3_moe")
     assert type(model.model.layers[0].mlp) is m.Qwen3MoeSparseMoeBlock
+
+
+def test_setup_cfg_lists_every_subpackage():
+    """Packages are listed explicitly (patches/ is mapped to moe_sft.patches), so a new
+    subpackage missing from setup.cfg would be left out of non-editable installs."""
+    import configparser
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "moe_sft").rglob("__init__.py")}
+    found.add("moe_sft.patches")
+    assert found == listed
