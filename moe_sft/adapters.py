@@ -82,11 +82,18 @@ class FamilyAdapter:
     has_aux_loss: bool = False
     expert_count_field: str = ""
 
-    # ---- facts a subclass must give -------------------------------------------------
-    def router_spec(self, config) -> RouterSpec:
-        raise NotImplementedError
-
     # ---- facts with a common default --------------------------------------------------
+    def router_spec(self, config) -> RouterSpec:
+        """The plain softmax top-k router (Qwen-MoE, OLMoE): renormalised when the config's
+        `norm_topk_prob` says so, gate weights cast to the logits' dtype. Families whose
+        router differs override this."""
+        return RouterSpec(
+            num_experts=getattr(config, self.expert_count_field),
+            top_k=config.num_experts_per_tok,
+            score_func="softmax",
+            norm_topk_prob=bool(config.norm_topk_prob),
+        )
+
     def _cls(self, name: str) -> type:
         return getattr(importlib.import_module(self.module_path), name)
 

@@ -12,7 +12,7 @@ import logging
 import sys
 
 # verb -> module under moe_sft.commands, in the order `--help` lists them
-VERBS = ("patch", "train", "eval", "profile", "prune", "ablate")
+VERBS = ("demo", "patch", "train", "eval", "profile", "prune", "ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,14 @@ weights detached (`MoEControls.detach_combine_weights`), and D is evaluated with
 weights and input detached, so it feeds the router only. Shared experts are active for every
 token, i.e. already dense: they and their gate keep the stock forward and gradient.
 
-All E experts are evaluated on a chunk of tokens in one batched matmul over the fused
-(E, 2I, H) / (E, H, I) tensors (no Python loop over experts). `memory: fast` keeps those
-outputs (E, T, H) for the backward; `memory: recompute` keeps nothing and recomputes them in
-backward, chunk by chunk.
+D - sg(D) is exactly 0, so D is never formed: its only effect is dL/dpi_e = <dL/dy, E_e(x)>
+(T, E), which the backward of one autograd op computes. Since down_proj is linear this is
+<W_down_e^T dL/dy, a_e(x)> with a_e = act(x W_gate_e^T) * (x W_up_e^T) (T, E, I): all E experts
+are evaluated on a chunk of tokens by batched matmuls over the fused (E, 2I, H) / (E, H, I)
+tensors (no Python loop over experts), one dense pass per step in either memory mode.
+`memory: fast` computes a chunk by chunk in the forward and keeps it (E x T x min(I, H) per
+layer: the expert outputs instead when I > H); `memory: recompute` keeps nothing and does all
+of it in the backward, chunk by chunk.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ logger = logging.getLogger(__name__)
 class DenseMixerConfig:
     """`densemixer:` block.
 
-    memory        fast: store the dense expert outputs (E x T x H per layer) for the backward;
-                  recompute: recompute them in the backward (memory-saving, ~1 extra dense pass)
+    memory        fast: evaluate all experts in the forward and keep their activations
+                  (E x T x I per layer; the outputs, E x T x H, if I > H) for the backward;
+                  recompute: keep nothing, evaluate them in the backward (memory-saving)
     chunk_tokens  tokens per batched all-experts evaluation; bounds the transient
-                  (E x chunk x (2I + H)) buffers of both modes
+                  (2 x E x chunk x max(I, H)) buffers of both modes
     """
 
     memory: Literal["fast", "recompute"] = "fast"
@@ -73,46 +78,77 @@ def dense_gates(spec, routing: Routing) -> torch.Tensor:
     return pi
 
 
-@torch.no_grad()
-def all_expert_outputs(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """E_e(x) for every expert e and token: (C, H) -> (E, C, H), with no autograd graph."""
-    w_gate_up = experts.gate_up_proj  # (E, 2I, H)
-    w_down = experts.down_proj  # (E, H, I)
-    h = torch.matmul(x.to(w_gate_up.dtype), w_gate_up.transpose(1, 2))  # (E, C, 2I), x broadcast
-    h = experts._apply_gate(h)  # (E, C, I): act(gate) * up, as the experts module does
-    return torch.bmm(h, w_down.transpose(1, 2))  # (E, C, H)
+def _dense_activations(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """a_e = act(x W_gate_e^T) * (x W_up_e^T) for every expert: (C, H) -> (E, C, I), no graph.
+
+    Gate and up halves of the fused (E, 2I, H) tensor are projected separately (strided views,
+    no weight copy) so the transient is 2 x (E, C, I) instead of (E, C, 2I) + 2 x (E, C, I).
+    The split is transformers' default `_apply_gate` (first I rows gate, last I rows up)."""
+    w = experts.gate_up_proj.detach()  # (E, 2I, H)
+    inter = w.shape[1] // 2
+    x = x.to(w.dtype)
+    a = experts.act_fn(torch.matmul(x, w[:, :inter].transpose(1, 2)))  # (E, C, I); x broadcast
+    return a.mul_(torch.matmul(x, w[:, inter:].transpose(1, 2)))
+
+
+def _keeps_outputs(experts: nn.Module) -> bool:
+    """fast mode keeps the smaller of activations (E, T, I) and outputs (E, T, H)."""
+    _, hidden, inter = experts.down_proj.shape  # (E, H, I)
+    return inter > hidden
+
+
+def _dense_store(experts: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What fast mode keeps for a chunk (C, H): outputs (E, C, H) if I > H, else activations (E, C, I)."""
+    act = _dense_activations(experts, x)
+    if _keeps_outputs(experts):
+        return torch.bmm(act, experts.down_proj.detach().transpose(1, 2))
+    return act
+
+
+def _router_grad_chunk(experts: nn.Module, g: torch.Tensor, stored: torch.Tensor, outputs: bool) -> torch.Tensor:
+    """<g_t, E_e(x_t)> (C, E) fp32 from the upstream gradient g (C, H) and either the expert
+    outputs (E, C, H) or the activations a (E, C, I). With activations it is <W_down_e^T g_t, a_e>
+    (down_proj is linear): one batched matmul of g through every down_proj (E*C*I*H multiply-adds,
+    the cost of forming the outputs) and a dot product over I, without materialising (E, C, H)."""
+    w_down = experts.down_proj.detach()  # (E, H, I)
+    g = g.to(w_down.dtype)
+    prod = stored * g if outputs else torch.matmul(g, w_down).mul_(stored)  # (E, C, H) / (E, C, I)
+    return prod.sum(-1, dtype=torch.float32).t()
 
 
 def _chunks(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _dense_fast(pi: torch.Tensor, x: torch.Tensor, experts: nn.Module, chunk: int) -> torch.Tensor:
-    """D (T, H); autograd keeps the (E, T, H) outputs to give pi its gradient."""
-    outs = torch.cat([all_expert_outputs(experts, x[a:b]) for a, b in _chunks(x.shape[0], chunk)], dim=1)
-    return torch.einsum("te,eth->th", pi.to(outs.dtype), outs)
+class _DenseRouterGrad(torch.autograd.Function):
+    """y_out = y + D - sg(D) with D = sum_e pi_e sg(E_e(x)) (T, H), written as one op.
 
-
-class _DenseRecompute(torch.autograd.Function):
-    """D = sum_e pi_e E_e(x) with the expert outputs recomputed in backward (grad to pi only)."""
-
-    @staticmethod
-    def forward(ctx, pi, x, experts, chunk):
-        ctx.save_for_backward(x)
-        ctx.experts, ctx.chunk = experts, chunk
-        D = x.new_empty(x.shape[0], x.shape[1], dtype=experts.gate_up_proj.dtype)
-        for a, b in _chunks(x.shape[0], chunk):
-            D[a:b] = torch.einsum("te,eth->th", pi[a:b].to(D.dtype), all_expert_outputs(experts, x[a:b]))
-        return D
+    D - sg(D) is exactly 0 in value, so the forward returns y unchanged and never forms D; all
+    D contributes is dL/dpi_e = <dL/dy_out, E_e(x)> (T, E), computed in backward.
+    fast: the forward keeps, per chunk of tokens, the dense activations (E, C, I), or the
+    outputs (E, C, H) when I > H; recompute: nothing is kept and the backward evaluates all
+    experts chunk by chunk. Either way one dense pass per step."""
 
     @staticmethod
-    def backward(ctx, grad_d):
-        (x,) = ctx.saved_tensors
-        grad_pi = grad_d.new_empty(x.shape[0], ctx.experts.gate_up_proj.shape[0], dtype=torch.float32)
-        for a, b in _chunks(x.shape[0], ctx.chunk):
-            out = all_expert_outputs(ctx.experts, x[a:b])  # (E, C, H)
-            grad_pi[a:b] = torch.einsum("th,eth->te", grad_d[a:b].to(out.dtype), out).float()
-        return grad_pi, None, None, None
+    def forward(ctx, y, pi, x, experts, chunk, fast):
+        ctx.experts, ctx.chunks, ctx.fast = experts, _chunks(x.shape[0], chunk), fast
+        if fast:
+            ctx.stored = [_dense_store(experts, x[a:b]) for a, b in ctx.chunks]
+        else:
+            ctx.save_for_backward(x)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        experts = ctx.experts
+        x = None if ctx.fast else ctx.saved_tensors[0]
+        outputs = ctx.fast and _keeps_outputs(experts)
+        grad_pi = grad_y.new_empty(grad_y.shape[0], experts.down_proj.shape[0], dtype=torch.float32)
+        with torch.no_grad():
+            for i, (a, b) in enumerate(ctx.chunks):
+                stored = ctx.stored[i] if ctx.fast else _dense_activations(experts, x[a:b])
+                grad_pi[a:b] = _router_grad_chunk(experts, grad_y[a:b], stored, outputs)
+        return grad_y, grad_pi, None, None, None, None
 
 
 def make_hook(cfg: DenseMixerConfig):
@@ -126,14 +162,8 @@ def make_hook(cfg: DenseMixerConfig):
         pi = dense_gates(block.moe_sft.spec, routing)
         if not (torch.is_grad_enabled() and pi.requires_grad):
             return y  # eval / no_grad / frozen router: D would only cost compute
-        experts = block.experts
-        xd = x.detach()
-        if cfg.memory == "fast":
-            D = _dense_fast(pi, xd, experts, cfg.chunk_tokens)
-        else:
-            D = _DenseRecompute.apply(pi, xd, experts, cfg.chunk_tokens)
-        # Forward value: exactly y (D - sg(D) == 0); gradient: D's, to the router only.
-        return y + (D - D.detach()).to(y.dtype)
+        # Forward value: exactly y; gradient: D's, to the router only (x and experts detached).
+        return _DenseRouterGrad.apply(y, pi, x.detach(), block.experts, cfg.chunk_tokens, cfg.memory == "fast")
 
     return densemixer_hook
 
@@ -146,6 +176,13 @@ def _check_experts(block: nn.Module, where: str) -> None:
                 f"densemixer: {where}.experts ({type(experts).__name__}) has {attr}={not want}; the batched "
                 "all-experts evaluation supports gated, bias-free (E, 2I, H) / (E, H, I) fused experts only"
             )
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if getattr(gate_fn, "__name__", None) != "_default_apply_gate":
+        # The dense evaluation splits gate_up_proj as transformers' default gate does.
+        raise PatchError(
+            f"densemixer: {where}.experts ({type(experts).__name__}) has its own _apply_gate; the batched "
+            "all-experts evaluation supports transformers' default act(gate) * up split only"
+        )
 
 
 def apply_densemixer(handle, cfg: DenseMixerConfig) -> None:

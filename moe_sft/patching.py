@@ -105,7 +105,9 @@ def _patch_block(handle: PatchHandle, layer_idx: int, name: str, block: nn.Modul
     return MoELayer(layer_idx, name, block, controls)
 
 
-def _apply_routing_config(handle: PatchHandle) -> None:
+def apply_routing_config(handle: PatchHandle) -> None:
+    """Set each layer's `disabled` buffer from `handle.config.routing` (validated against the
+    model: layer and expert ids exist, at least top_k experts survive)."""
     cfg = handle.config.routing
     if cfg is None:
         return
@@ -163,7 +165,7 @@ def patch_model(model: nn.Module, config: MoESFTConfig | None = None) -> PatchHa
         for i in moe_indices:
             handle.layers.append(_patch_block(handle, i, f"{prefix}{i}.mlp", layers[i].mlp))
         setattr(model, _HANDLE_ATTR, handle)
-        _apply_routing_config(handle)
+        apply_routing_config(handle)
         if config.track_usage:
             for m in handle.layers:
                 m.controls.track_usage(m.block.gate.weight.device)

@@ -170,9 +170,10 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(chars: str | None = None, chat_template: str = TINY_CHAT_TEMPLATE):
     """An offline character-level tokenizer whose ids fit every tiny model's vocabulary (128):
-    <pad>=0, <s>=1, </s>=2 (the tiny configs' pad/bos/eos), <unk>=3, then printable ASCII.
+    <pad>=0, <s>=1, </s>=2 (the tiny configs' pad/bos/eos), <unk>=3, then printable ASCII
+    (or only `chars`, in that order, for a smaller vocabulary such as the demo's).
     It has a chat template and gives character offsets, like the fast tokenizers of real models."""
     import string
 
@@ -180,13 +181,16 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    if chars is None:
+        chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    elif len(set(chars)) != len(chars):
+        raise ValueError(f"tiny_tokenizer(chars={chars!r}): characters must be unique")
+    vocab = {tok: i for i, tok in enumerate(specials + list(chars))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer

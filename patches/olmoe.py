@@ -1,7 +1,7 @@
 """OLMoE: softmax router, top-k renormalised only when `norm_topk_prob`, no shared expert,
 every layer sparse."""
 
-from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+from moe_sft.adapters import FamilyAdapter, register_family
 
 
 @register_family
@@ -13,11 +13,3 @@ class OlmoeAdapter(FamilyAdapter):
     experts_class_name = "OlmoeExperts"
     expert_count_field = "num_experts"
     has_aux_loss = True
-
-    def router_spec(self, config) -> RouterSpec:
-        return RouterSpec(
-            num_experts=config.num_experts,
-            top_k=config.num_experts_per_tok,
-            score_func="softmax",
-            norm_topk_prob=bool(config.norm_topk_prob),
-        )

@@ -1,7 +1,7 @@
 """Qwen1.5-MoE / Qwen2-MoE: softmax router, optional top-k renormalisation, a gated shared
 expert; dense layers where `mlp_only_layers` / `decoder_sparse_step` say so."""
 
-from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+from moe_sft.adapters import FamilyAdapter, register_family
 
 
 @register_family
@@ -14,11 +14,3 @@ class Qwen2MoeAdapter(FamilyAdapter):
     shared_experts = "gated"
     expert_count_field = "num_experts"
     has_aux_loss = True
-
-    def router_spec(self, config) -> RouterSpec:
-        return RouterSpec(
-            num_experts=config.num_experts,
-            top_k=config.num_experts_per_tok,
-            score_func="softmax",
-            norm_topk_prob=bool(config.norm_topk_prob),
-        )

@@ -1,7 +1,7 @@
 """Qwen3-MoE (e.g. Qwen3-30B-A3B): softmax router, top-k renormalised when
 `norm_topk_prob`, no shared expert."""
 
-from moe_sft.adapters import FamilyAdapter, RouterSpec, register_family
+from moe_sft.adapters import FamilyAdapter, register_family
 
 
 @register_family
@@ -13,11 +13,3 @@ class Qwen3MoeAdapter(FamilyAdapter):
     experts_class_name = "Qwen3MoeExperts"
     expert_count_field = "num_experts"
     has_aux_loss = True
-
-    def router_spec(self, config) -> RouterSpec:
-        return RouterSpec(
-            num_experts=config.num_experts,
-            top_k=config.num_experts_per_tok,
-            score_func="softmax",
-            norm_topk_prob=bool(config.norm_topk_prob),
-        )

@@ -65,12 +65,9 @@ def _reference_router_grad(block, spec, x, r, logits_index):
     return g
 
 
-@pytest.mark.parametrize("memory", ["fast", "recompute"])
-@pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_block_gradients(family, memory):
+def _check_block_gradients(model, memory):
     """One MoE block, same upstream gradient r: router gradient = the dense formula; expert and
     shared-expert gradients = the stock block's; forward value = the stock block's."""
-    model = tiny_model(family)
     block = _first_moe_block(model)
     H = model.config.hidden_size
     x = torch.randn(2, 7, H)
@@ -93,6 +90,22 @@ def test_block_gradients(family, memory):
             continue
         torch.testing.assert_close(p.grad, stock_grads[name], **TOL, msg=name)
     handle.revert()
+
+
+@pytest.mark.parametrize("memory", ["fast", "recompute"])
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_block_gradients(family, memory):
+    _check_block_gradients(tiny_model(family), memory)
+
+
+@pytest.mark.parametrize("memory", ["fast", "recompute"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_block_gradients_wide_experts(family, memory):
+    """Expert width I > hidden H: fast mode keeps the expert outputs instead of the activations."""
+    key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    model = tiny_model(family, **{key: 96})  # hidden 64
+    assert model.config.hidden_size < 96
+    _check_block_gradients(model, memory)
 
 
 @pytest.mark.parametrize("family", CORE_FAMILIES)
@@ -163,3 +176,12 @@ def test_bad_config_and_forced_experts_are_refused():
     with pytest.raises(PatchError, match="forced"):
         model(**tiny_batch(model)).loss.backward()
     handle.revert()
+
+
+def test_custom_gate_split_is_refused():
+    """Experts with their own _apply_gate (another gate/up split) are refused before patching."""
+    model = tiny_model("qwen3_moe")
+    experts = _first_moe_block(model).experts
+    experts.__class__ = type("InterleavedExperts", (type(experts),), {"_apply_gate": lambda self, h: h[..., ::2] * h[..., 1::2]})
+    with pytest.raises(PatchError, match="_apply_gate"):
+        moe_sft.patch_model(model, _cfg())

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..adapters import get_adapter
 from ..config import ConfigError, RoutingConfig
 from ..io import atomic_directory, atomic_write_text
-from ..patching import _apply_routing_config, get_handle, patch_model
+from ..patching import apply_routing_config, get_handle, patch_model
 from .strategies import Selection
 
 PRUNING_JSON = "pruning.json"
@@ -63,7 +63,7 @@ def apply_mask(model, selection: Selection):
     handle = get_handle(model) or patch_model(model)
     routing = dataclasses.replace(handle.config.routing or RoutingConfig(), disabled_experts=merged)
     handle.config = dataclasses.replace(handle.config, routing=routing)
-    _apply_routing_config(handle)  # sets each layer's `disabled` buffer from the config
+    apply_routing_config(handle)  # sets each layer's `disabled` buffer from the config
     return handle
 
 

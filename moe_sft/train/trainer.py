@@ -244,8 +244,9 @@ def _save_gathered(model, handle: PatchHandle, state_dict: dict, out: Path, toke
         handle.config.save(tmp)
 
 
-def train(cfg: TrainConfig, resume=None) -> Path:
-    """Run one training job; return the final model folder."""
+def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] = ()) -> Path:
+    """Run one training job; return the final model folder. `callbacks` are extra Trainer
+    callbacks (e.g. `moe_sft.train.callbacks.TimeBudget`), added after the methods' own."""
     from transformers import TrainingArguments
 
     # DeepSpeed calls deprecated torch.distributed collectives on every step; one warning each is noise.
@@ -271,17 +272,18 @@ def train(cfg: TrainConfig, resume=None) -> Path:
     if handle.config.esft is not None:
         ds_glue.check_same_on_ranks(Path(handle.config.esft.selection_file).read_text(), "the ESFT expert selection")
 
-    callbacks = [CheckpointExtras(handle, expert_load, zero3)]
+    all_callbacks = [CheckpointExtras(handle, expert_load, zero3)]
     for method, block in enabled_methods(handle.config):
         if method.callbacks is not None:
-            callbacks.extend(method.callbacks(handle, block))
+            all_callbacks.extend(method.callbacks(handle, block))
+    all_callbacks.extend(callbacks)
     trainer = MoESFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         expert_load=expert_load,
     )
     ds_glue.check_distributed(trainer)
@@ -299,9 +301,12 @@ def train(cfg: TrainConfig, resume=None) -> Path:
     return cfg.final_dir
 
 
-def run_recipe(path: str | Path, overrides: list[str] | None = None, resume=None) -> list[Path]:
+def run_recipe(
+    path: str | Path, overrides: list[str] | None = None, resume=None, callbacks: tuple[TrainerCallback, ...] = ()
+) -> list[Path]:
     """Train the YAML at `path`, then each YAML its `then:` names, each starting from the
-    previous phase's final model. Overrides and --resume apply to the first phase."""
+    previous phase's final model. Overrides and --resume apply to the first phase; `callbacks`
+    (extra Trainer callbacks) to every phase."""
     # Every phase's YAML is validated before the first one starts.
     phases = [load_train_config(path, overrides)]
     while phases[-1].then is not None:
@@ -309,9 +314,9 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, resume=None
         if any(nxt.resolve() == p.source.resolve() for p in phases):
             raise ConfigError(f"then: {phases[-1].then} forms a cycle")
         phases.append(load_train_config(nxt, _start_from(phases[-1].final_dir)))
-    finals = [train(phases[0], resume)]
+    finals = [train(phases[0], resume, callbacks)]
     for cfg in phases[1:]:
-        finals.append(train(cfg))
+        finals.append(train(cfg, callbacks=callbacks))
     return finals
 
 
