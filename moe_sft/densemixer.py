@@ -132,21 +132,18 @@ class _DenseRouterGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, pi, x, experts, chunk, fast):
         ctx.experts, ctx.chunks, ctx.fast = experts, _chunks(x.shape[0], chunk), fast
-        if fast:
-            ctx.stored = [_dense_store(experts, x[a:b]) for a, b in ctx.chunks]
-        else:
-            ctx.save_for_backward(x)
+        # Saved through autograd (also the intermediates), so activation checkpointing can drop them.
+        ctx.save_for_backward(*([_dense_store(experts, x[a:b]) for a, b in ctx.chunks] if fast else [x]))
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        experts = ctx.experts
-        x = None if ctx.fast else ctx.saved_tensors[0]
+        experts, saved = ctx.experts, ctx.saved_tensors
         outputs = ctx.fast and _keeps_outputs(experts)
         grad_pi = grad_y.new_empty(grad_y.shape[0], experts.down_proj.shape[0], dtype=torch.float32)
         with torch.no_grad():
             for i, (a, b) in enumerate(ctx.chunks):
-                stored = ctx.stored[i] if ctx.fast else _dense_activations(experts, x[a:b])
+                stored = saved[i] if ctx.fast else _dense_activations(experts, saved[0][a:b])
                 grad_pi[a:b] = _router_grad_chunk(experts, grad_y[a:b], stored, outputs)
         return grad_y, grad_pi, None, None, None, None
 
@@ -176,8 +173,7 @@ def _check_experts(block: nn.Module, where: str) -> None:
                 f"densemixer: {where}.experts ({type(experts).__name__}) has {attr}={not want}; the batched "
                 "all-experts evaluation supports gated, bias-free (E, 2I, H) / (E, H, I) fused experts only"
             )
-    gate_fn = getattr(type(experts), "_apply_gate", None)
-    if getattr(gate_fn, "__name__", None) != "_default_apply_gate":
+    if getattr(getattr(experts, "_apply_gate", None), "__name__", None) != "_default_apply_gate":
         # The dense evaluation splits gate_up_proj as transformers' default gate does.
         raise PatchError(
             f"densemixer: {where}.experts ({type(experts).__name__}) has its own _apply_gate; the batched "
