@@ -1,7 +1,7 @@
 """`moe-sft eval` end to end: batched generation equals batch size 1 on every core family, the
 CLI on saved tiny checkpoints (patched and stock) over the shared LLM-Adapters data writes all
-outputs and its table equals the per-example verdicts, resume, settings checks, malformed data,
-log-likelihood scoring and MoE-Bias adapters."""
+outputs and its table equals the per-example verdicts, resume, settings checks, the extraction
+mode option, malformed data, log-likelihood scoring and MoE-Bias adapters."""
 
 from __future__ import annotations
 
@@ -208,6 +208,40 @@ def test_rerun_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "other settings" in err and "generate/beam2" in err
     assert (out / "bigram" / "siqa.jsonl").read_text() == before
+
+
+def test_extraction_option_reaches_scores_and_settings(tmp_path, capsys):
+    """A bigram model that answers "By C" on AQuA: LLM-Adapters' rule (the default) reads B from
+    "By", --extraction strict reads the standalone C. Counts come from the data alone."""
+    tok = tiny_tokenizer()
+    model = bigram_model("qwen2_moe", tok, chain="\nBy C")
+    model.save_pretrained(tmp_path / "byc")
+    tok.save_pretrained(tmp_path / "byc")
+    args = ("--model", tmp_path / "byc", "--benchmarks", "aqua", "--data-dir", DATA_DIR, "--limit", 8, "--max-new-tokens", 8)
+    expected = {"llm_adapters": ("B", gold_counts("AQuA", 8, lambda a: a == "B")), "strict": ("C", gold_counts("AQuA", 8, lambda a: a == "C"))}
+    assert expected["llm_adapters"][1] != expected["strict"][1]
+    for mode, (letter, correct) in expected.items():
+        out = tmp_path / mode
+        assert run_cli(*args, "--out", out, *(("--extraction", mode) if mode == "strict" else ())) == 0
+        recs = read_jsonl(out / "byc" / "aqua.jsonl")
+        assert {r["output"] for r in recs} == {"By C"} and {r["prediction"] for r in recs} == {letter}
+        result = json.loads((out / "byc" / "aqua.json").read_text())
+        assert result["settings"]["extraction"] == mode and result["correct"] == correct
+        md = (out / "results.md").read_text()
+        assert table_cells(md)["AQuA"][1] == ("generate/greedy" if mode == "llm_adapters" else "generate/greedy/strict")
+        assert ("NOT LLM-Adapters' extraction" in md) is (mode == "strict")
+    # resuming the strict run with the default extraction is refused, nothing is rewritten
+    before = (tmp_path / "strict" / "byc" / "aqua.jsonl").read_text()
+    capsys.readouterr()
+    assert run_cli(*args, "--out", tmp_path / "strict") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "'extraction': ('strict', 'llm_adapters')" in err
+    assert (tmp_path / "strict" / "byc" / "aqua.jsonl").read_text() == before
+    # an unknown mode stops at the command line, before any data or model is read
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*args, "--out", tmp_path / "loose", "--extraction", "loose")
+    assert exit_info.value.code == 2 and "invalid choice: 'loose'" in capsys.readouterr().err
+    assert not (tmp_path / "loose").exists()
 
 
 # ---- 4. malformed data -----------------------------------------------------------------------

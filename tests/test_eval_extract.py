@@ -1,4 +1,5 @@
-"""Answer extraction on realistic model outputs, each with its expected verdict; the shipped
+"""Answer extraction on realistic model outputs, each with its expected answer and verdict under
+both extraction modes (LLM-Adapters' published rules, the default, and strict); the shipped
 `evaluate` metric loads from its local path with the network blocked and agrees; the
 benchmark table, names and data sources."""
 
@@ -12,66 +13,93 @@ from pathlib import Path
 import pytest
 
 from moe_sft import ConfigError
-from moe_sft.evaluation import BENCHMARKS, METRIC_PATH, RULES, DataError, load_examples, score
+from moe_sft.evaluation import BENCHMARKS, METRIC_PATH, RULES, DataError, evaluate_model, extract, load_examples, run_eval, score
 from moe_sft.evaluation.benchmarks import benchmark, expand, resolve_source, shared_data_dir
 
 SHARED = Path(os.environ.get("MOE_SFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"))
 
-# (benchmark, model output, gold answer, expected extracted answer, expected verdict)
+# (benchmark, model output, gold answer, (extracted, verdict) under "llm_adapters", the same under "strict").
+# Worked out by hand from LLM-Adapters' published rules (evaluate.py, commonsense_evaluate.py)
+# and from the strict rules in moe_sft/evaluation/extract.py's docstring.
 CASES = [
-    # math: last number after removing commas, |pred - gold| <= 1e-3
-    ("gsm8k", "He needs 24 tiles per sq ft, so 24 * 24 = 576 tiles. The answer is 576.", "576.0", 576.0, True),
-    ("gsm8k", "She earns $1,234 a month, so the answer is 1,234.", "1234.0", 1234.0, True),
-    ("gsm8k", "The house costs $1,000,000 in total.", "1000000", 1000000.0, True),
-    ("svamp", "The answer is 8.0", "8", 8.0, True),
-    ("svamp", "The answer is 8", "8.0", 8.0, True),
-    ("svamp", "After rounding, the answer is 8.0004", "8", 8.0004, True),
-    ("svamp", "After rounding, the answer is 8.01", "8", 8.01, False),
-    ("mawps", "The temperature fell from 3 to -15. The answer is -15.", "-15.0", -15.0, True),
-    ("mawps", "The temperature fell by 15 degrees: -15 becomes the answer 15.", "-15.0", 15.0, False),
-    ("mawps", "The green one is 1.8333 inches longer.", "1.8333333333333335", 1.8333, True),
-    ("addsub", "First 3 + 4 = 7, then 7 * 2 = 14. The answer is 14.", "14", 14.0, True),
-    ("addsub", "First 3 + 4 = 7, then 7 * 2 = 14. The answer is 14.", "7", 14.0, False),
-    ("multiarith", "The answer is 15. Question: Sam has 3 more books", "15.0", 3.0, False),
-    ("singleeq", "I cannot work out how many hours he paid for.", "9.0", None, False),
-    ("singleeq", "", "9.0", None, False),
-    ("singleeq", "Half of it: the answer is .5", "0.5", 5.0, False),  # ".5" reads as 5, as in LLM-Adapters
-    # AQuA: a standalone capital A-E, the last one; capitals inside words do not count
-    ("aqua", "The answer is (C).", "C", "C", True),
-    ("aqua", "Because the speed is 5 km/h, the answer is C", "C", "C", True),
-    ("aqua", "Answer: (B)", "B", "B", True),
-    ("aqua", "A train covers 100 m in 10 s, so its speed is 10 m/s. The answer is (D).", "D", "D", True),
-    ("aqua", "Options A and B are too small; the answer is E.", "A", "E", False),
-    ("aqua", "Every Cost Divided By Area", "D", None, False),
-    ("aqua", "The answer is (c)", "C", None, False),  # lower-case letters are words ("a"), not options
-    # commonsense: first whole answer word, case-insensitive
-    ("boolq", "the correct answer is true", "true", "true", True),
-    ("boolq", "The correct answer is True.", "true", "true", True),
-    ("boolq", "FALSE", "false", "false", True),
-    ("boolq", "that claim is untrue", "false", None, False),
-    ("boolq", "true or false? The correct answer is false", "false", "true", False),
-    ("piqa", "the correct answer is Solution2", "solution2", "solution2", True),
-    ("piqa", "the correct answer is solution1", "solution2", "solution1", False),
-    ("siqa", "The correct answer is Answer3", "answer3", "answer3", True),
-    ("siqa", "the correct answer is", "answer3", None, False),
-    ("hellaswag", "the correct answer is ending4", "ending4", "ending4", True),
-    ("hellaswag", "ENDING2, because the man keeps running", "ending2", "ending2", True),
-    ("winogrande", "Option2, since Maria is the worse surgeon", "option1", "option2", False),
-    ("winogrande", "the correct answer is option1", "option1", "option1", True),
-    ("arc_e", "the correct answer is answer5", "answer5", "answer5", True),
-    ("arc_c", "the correct answer is answer10", "answer1", None, False),
-    ("obqa", "I think answer2, not answer1", "answer2", "answer2", True),
+    # math, both modes: last number after removing commas, |pred - gold| <= 1e-3
+    ("gsm8k", "He needs 24 tiles per sq ft, so 24 * 24 = 576 tiles. The answer is 576.", "576.0", (576.0, True), (576.0, True)),
+    ("gsm8k", "She earns $1,234 a month, so the answer is 1,234.", "1234.0", (1234.0, True), (1234.0, True)),
+    ("gsm8k", "The house costs $1,000,000 in total.", "1000000", (1000000.0, True), (1000000.0, True)),
+    ("svamp", "The answer is 8.0", "8", (8.0, True), (8.0, True)),
+    ("svamp", "The answer is 8", "8.0", (8.0, True), (8.0, True)),
+    ("svamp", "After rounding, the answer is 8.0004", "8", (8.0004, True), (8.0004, True)),
+    ("svamp", "After rounding, the answer is 8.01", "8", (8.01, False), (8.01, False)),
+    ("mawps", "The temperature fell from 3 to -15. The answer is -15.", "-15.0", (-15.0, True), (-15.0, True)),
+    ("mawps", "The temperature fell by 15 degrees: -15 becomes the answer 15.", "-15.0", (15.0, False), (15.0, False)),
+    ("mawps", "The green one is 1.8333 inches longer.", "1.8333333333333335", (1.8333, True), (1.8333, True)),
+    ("addsub", "First 3 + 4 = 7, then 7 * 2 = 14. The answer is 14.", "14", (14.0, True), (14.0, True)),
+    ("addsub", "First 3 + 4 = 7, then 7 * 2 = 14. The answer is 14.", "7", (14.0, False), (14.0, False)),
+    ("multiarith", "The answer is 15. Question: Sam has 3 more books", "15.0", (3.0, False), (3.0, False)),
+    ("singleeq", "I cannot work out how many hours he paid for.", "9.0", (None, False), (None, False)),
+    ("singleeq", "", "9.0", (None, False), (None, False)),
+    ("singleeq", "Half of it: the answer is .5", "0.5", (5.0, False), (5.0, False)),  # ".5" reads as 5 in both
+    # AQuA. llm_adapters: the first capital A-E anywhere, inside words too.
+    # strict: the last capital A-E standing alone.
+    ("aqua", "The answer is (C).", "C", ("C", True), ("C", True)),
+    ("aqua", "Because the speed is 5 km/h, the answer is C", "C", ("B", False), ("C", True)),  # "Because"
+    ("aqua", "Answer: (B)", "B", ("A", False), ("B", True)),  # "Answer"
+    ("aqua", "A train covers 100 m in 10 s, so its speed is 10 m/s. The answer is (D).", "D", ("A", False), ("D", True)),
+    ("aqua", "Options A and B are too small; the answer is E.", "A", ("A", True), ("E", False)),
+    ("aqua", "Every Cost Divided By Area", "D", ("E", False), (None, False)),  # "Every"
+    ("aqua", "The answer is (c)", "C", (None, False), (None, False)),  # lower case is never an option
+    # commonsense. llm_adapters: the first case-sensitive substring match of the answer words.
+    # strict: the first whole answer word, any case.
+    ("boolq", "the correct answer is true", "true", ("true", True), ("true", True)),
+    ("boolq", "The correct answer is True.", "true", (None, False), ("true", True)),
+    ("boolq", "FALSE", "false", (None, False), ("false", True)),
+    ("boolq", "that claim is untrue", "false", ("true", False), (None, False)),  # "untrue"
+    ("boolq", "that claim is untrue, so false", "false", ("true", False), ("false", True)),
+    ("boolq", "true or false? The correct answer is false", "false", ("true", False), ("true", False)),
+    ("piqa", "the correct answer is Solution2", "solution2", (None, False), ("solution2", True)),
+    ("piqa", "the correct answer is solution1", "solution2", ("solution1", False), ("solution1", False)),
+    ("siqa", "The correct answer is Answer3", "answer3", (None, False), ("answer3", True)),
+    ("siqa", "the correct answer is", "answer3", (None, False), (None, False)),
+    # LLM-Adapters reads SIQA with ARC's answer1-5 regex; strict knows SIQA has three answers
+    ("siqa", "the correct answer is answer4, no, answer2", "answer2", ("answer4", False), ("answer2", True)),
+    ("hellaswag", "the correct answer is ending4", "ending4", ("ending4", True), ("ending4", True)),
+    ("hellaswag", "ENDING2, because the man keeps running", "ending2", (None, False), ("ending2", True)),
+    ("winogrande", "Option2, since Maria is the worse surgeon", "option1", (None, False), ("option2", False)),
+    ("winogrande", "the correct answer is option1", "option1", ("option1", True), ("option1", True)),
+    ("arc_e", "the correct answer is answer5", "answer5", ("answer5", True), ("answer5", True)),
+    ("arc_c", "the correct answer is answer10", "answer1", ("answer1", True), (None, False)),  # "answer1" in "answer10"
+    ("obqa", "I think answer2, not answer1", "answer2", ("answer2", True), ("answer2", True)),
 ]
+MODE_COLUMN = {"llm_adapters": 3, "strict": 4}
 
 
-@pytest.mark.parametrize("bench, output, gold, extracted, verdict", CASES)
-def test_extraction_verdicts(bench, output, gold, extracted, verdict):
-    prediction, correct = score(RULES[bench], output, gold)
+@pytest.mark.parametrize("mode", list(MODE_COLUMN))
+@pytest.mark.parametrize("bench, output, gold, llm_adapters, strict", CASES)
+def test_extraction_verdicts(bench, output, gold, llm_adapters, strict, mode):
+    extracted, verdict = {"llm_adapters": llm_adapters, "strict": strict}[mode]
+    prediction, correct = score(RULES[bench], output, gold, mode)
     assert correct is verdict
     if isinstance(extracted, float):
         assert prediction == pytest.approx(extracted)
     else:
         assert prediction == extracted
+
+
+def test_default_extraction_is_llm_adapters():
+    # "Because" starts with B: only LLM-Adapters' rule reads it as the answer
+    assert score(RULES["aqua"], "Because the speed is 5 km/h, the answer is C", "C") == ("B", False)
+    assert extract(RULES["boolq"], "that claim is untrue") == "true"
+
+
+def test_unknown_extraction_mode_is_an_error_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"extraction='loose'; choose one of llm_adapters, strict"):
+        score(RULES["gsm8k"], "The answer is 3", "3", "loose")
+    # the model and tokenizer are never touched: the options are checked first
+    with pytest.raises(ConfigError, match=r"extraction='loose'"):
+        evaluate_model(None, None, "siqa", tmp_path / "o", extraction="loose")
+    with pytest.raises(ConfigError, match=r"extraction='loose'"):
+        run_eval([str(tmp_path / "no-model")], "siqa", tmp_path / "o", extraction="loose")
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_benchmark_has_a_rule_and_cases():
@@ -89,14 +117,21 @@ def test_metric_loads_offline_and_agrees_with_the_verdicts(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     metric = evaluate.load(METRIC_PATH)
-    for bench in BENCHMARKS:
-        cases = [c for c in CASES if c[0] == bench]
-        res = metric.compute(predictions=[c[1] for c in cases], references=[c[2] for c in cases], benchmark=bench)
-        expected = sum(c[4] for c in cases)
-        assert (res["correct"], res["total"]) == (expected, len(cases))
-        assert res["accuracy"] == pytest.approx(expected / len(cases))
+    for mode, column in MODE_COLUMN.items():
+        for bench in BENCHMARKS:
+            cases = [c for c in CASES if c[0] == bench]
+            kwargs = {} if mode == "llm_adapters" else {"extraction": mode}  # llm_adapters is the default
+            res = metric.compute(predictions=[c[1] for c in cases], references=[c[2] for c in cases], benchmark=bench, **kwargs)
+            expected = sum(c[column][1] for c in cases)
+            assert (res["correct"], res["total"]) == (expected, len(cases))
+            assert res["accuracy"] == pytest.approx(expected / len(cases))
+    # the modes disagree on the AQuA cases: the keyword is not ignored
+    aqua = [c for c in CASES if c[0] == "aqua"]
+    assert sum(c[3][1] for c in aqua) != sum(c[4][1] for c in aqua)
     with pytest.raises(ValueError, match="benchmark='nope'"):
         metric.compute(predictions=["1"], references=["1"], benchmark="nope")
+    with pytest.raises(ValueError, match="extraction='loose'"):
+        metric.compute(predictions=["1"], references=["1"], benchmark="gsm8k", extraction="loose")
 
 
 def test_metric_is_installed_as_package_data():

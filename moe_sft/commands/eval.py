@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); LLM-Adapters used 4")
     p.add_argument("--scoring", choices=("generate", "loglik"), default="generate",
                    help="loglik: log-likelihood multiple choice for the commonsense sets (a different protocol)")  # fmt: skip
+    p.add_argument("--extraction", choices=("llm_adapters", "strict"), default="llm_adapters",
+                   help="llm_adapters (default): read answers exactly as LLM-Adapters' scripts, quirks included, so "
+                   "numbers compare with papers; strict: standalone AQuA letters (the last one), whole commonsense words in any case")  # fmt: skip
     p.add_argument("--adapter", help="a MoE-Bias head adapter folder (moe_sft.save_moe_bias_adapter) loaded onto every --model")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.set_defaults(func=run)
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     table = run_eval(
         args.model, args.benchmarks, args.out, dtype=args.dtype, adapter=args.adapter, data=data, data_dir=args.data_dir,
         split=args.split, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams, scoring=args.scoring,
+        num_beams=args.num_beams, scoring=args.scoring, extraction=args.extraction,
     )  # fmt: skip
     print(table)
     return 0

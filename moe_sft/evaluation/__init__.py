@@ -5,20 +5,22 @@
     results["gsm8k"]["accuracy"]
 
 - `benchmarks`: the benchmark table, prompt template, data loading and validation
-- `extract`: answer extraction rules (one table, `RULES`) and verdicts
+- `extract`: answer extraction rules (tables: `RULES` per benchmark, `MODES` per extraction mode,
+  "llm_adapters" by default, or "strict") and verdicts
 - `generate`: batched generation (left padding, KV cache, greedy/beam) and log-likelihood choice
 - `runner`: resumable runs, per-example JSONL, per-benchmark JSON, Markdown table
 - `metrics/llm_adapters_accuracy`: the `evaluate` metric, loaded from its local path (`METRIC_PATH`)
 """
 
 from .benchmarks import BENCHMARKS, Benchmark, DataError, Example, format_prompt, load_examples
-from .extract import RULES, Rule, extract, score
+from .extract import MODES, RULES, Rule, extract, score
 from .generate import generate, loglik_choose, prepare_tokenizer
 from .runner import METRIC_PATH, evaluate_model, markdown_table, prepare_benchmarks, run_eval, write_report
 
 __all__ = [
     "BENCHMARKS",
     "METRIC_PATH",
+    "MODES",
     "RULES",
     "Benchmark",
     "DataError",

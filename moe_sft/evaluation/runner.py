@@ -25,15 +25,22 @@ from typing import Literal
 from ..config import ConfigError
 from ..io import atomic_write_text
 from .benchmarks import BENCHMARKS, GROUPS, Benchmark, DataError, Example, expand, load_examples, resolve_source
+from .extract import DEFAULT_MODE, Mode, check_mode, score
 
 logger = logging.getLogger(__name__)
 
 METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "llm_adapters_accuracy")
 Scoring = Literal["generate", "loglik"]
 PROTOCOL_NOTES = {
-    "generate": "generation (greedy or beam) + LLM-Adapters answer extraction",
+    "generate": "generation (greedy or beam), answers read exactly as LLM-Adapters' scripts read them "
+    "(unless marked `strict`)",
     "loglik": "log-likelihood multiple choice over the answer words; NOT LLM-Adapters' protocol, "
     "numbers are not comparable with generation results",
+}
+# protocol label suffix -> note, for extraction modes other than the default
+EXTRACTION_NOTES = {
+    "strict": "stricter answer extraction (AQuA: the last standalone capital A-E; commonsense: the first "
+    "whole answer word, any case); NOT LLM-Adapters' extraction, numbers are not comparable with published ones",
 }
 
 
@@ -81,10 +88,13 @@ def _metric():
     return evaluate.load(METRIC_PATH)
 
 
-def _protocol(bench: Benchmark, scoring: Scoring, num_beams: int) -> str:
+def _protocol(bench: Benchmark, scoring: Scoring, num_beams: int, extraction: Mode) -> str:
+    """The table's protocol label: "loglik", or "generate/greedy" / "generate/beam4", with
+    "/strict" appended under the non-default extraction."""
     if scoring == "loglik" and bench.group == "commonsense":
         return "loglik"
-    return "generate/greedy" if num_beams == 1 else f"generate/beam{num_beams}"
+    label = "generate/greedy" if num_beams == 1 else f"generate/beam{num_beams}"
+    return label if extraction == DEFAULT_MODE else f"{label}/{extraction}"
 
 
 def example_choices(bench: Benchmark, example: Example) -> tuple[str, ...]:
@@ -149,15 +159,15 @@ def run_benchmark(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     num_beams: int = 1,
+    extraction: Mode = DEFAULT_MODE,
 ) -> dict:
     """Predict (or resume predicting) `examples` and score them; returns the result dict that
     is also written to `<model_dir>/<bench>.json`."""
     from tqdm.auto import tqdm
 
-    from .extract import score
     from .generate import generate, loglik_choose
 
-    protocol = _protocol(bench, scoring, num_beams)
+    protocol = _protocol(bench, scoring, num_beams, extraction)
     generating = protocol != "loglik"
     settings = {
         "model": model_id,
@@ -165,6 +175,7 @@ def run_benchmark(
         "protocol": protocol,
         "prompt": "LLM-Adapters (Alpaca)",
         "max_new_tokens": (max_new_tokens or bench.max_new_tokens) if generating else None,
+        "extraction": extraction if generating else None,  # loglik outputs are answer words: nothing to extract
     }
     jsonl, result_path = model_dir / f"{bench.name}.jsonl", model_dir / f"{bench.name}.json"
     _check_resume(result_path, settings)
@@ -185,7 +196,7 @@ def run_benchmark(
         for pos, answer in zip(positions, answers):
             ex = todo[pos]
             text, extra = (answer, {}) if generating else (answer[0], {"scores": answer[1]})
-            prediction, correct = score(bench.rule, text, ex.answer)
+            prediction, correct = score(bench.rule, text, ex.answer, extraction)
             records.append({"index": ex.index, "instruction": ex.instruction, "gold": ex.answer, "output": text,
                             "prediction": prediction, "correct": correct, **extra})  # fmt: skip
             done[ex.index] = records[-1]
@@ -194,7 +205,8 @@ def run_benchmark(
     bar.close()
 
     recs = [done[ex.index] for ex in examples]
-    metric = _metric().compute(predictions=[r["output"] for r in recs], references=[r["gold"] for r in recs], benchmark=bench.name)
+    metric = _metric().compute(predictions=[r["output"] for r in recs], references=[r["gold"] for r in recs], benchmark=bench.name,
+                               extraction=extraction)  # fmt: skip
     result = {
         "benchmark": bench.name,
         "title": bench.title,
@@ -211,11 +223,12 @@ def run_benchmark(
     return result
 
 
-def check_options(*, batch_size: int, num_beams: int, max_new_tokens: int | None, scoring: str) -> None:
+def check_options(*, batch_size: int, num_beams: int, max_new_tokens: int | None, scoring: str, extraction: str = DEFAULT_MODE) -> None:
     if batch_size < 1 or num_beams < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise ConfigError(f"batch_size={batch_size}, num_beams={num_beams}, max_new_tokens={max_new_tokens}: each must be >= 1")
     if scoring not in PROTOCOL_NOTES:
         raise ConfigError(f"scoring={scoring!r}; choose one of {', '.join(PROTOCOL_NOTES)}")
+    check_mode(extraction)
 
 
 def evaluate_model(
@@ -234,16 +247,19 @@ def evaluate_model(
     max_new_tokens: int | None = None,
     num_beams: int = 1,
     scoring: Scoring = "generate",
+    extraction: Mode = DEFAULT_MODE,
 ) -> dict[str, dict]:
     """Evaluate an in-memory model on `benchmarks` ("gsm8k,boolq", "math", ... or the output of
     `prepare_benchmarks`); predictions and results go to `out_dir/<name>/`. Returns
     {benchmark: result dict with accuracy, correct, total, settings}. Resumes from `out_dir`.
+    `extraction`: "llm_adapters" (LLM-Adapters' answer reading, exactly) or "strict"
+    (see `moe_sft.evaluation.extract`).
 
     The tokenizer gets a pad token (eos) if it has none; batches are padded on the left.
     """
     from .generate import prepare_tokenizer
 
-    check_options(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, scoring=scoring)
+    check_options(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, scoring=scoring, extraction=extraction)
     if not re.fullmatch(r"[\w.+-]+", name):
         raise ConfigError(f"model name {name!r} must be a plain folder name (letters, digits, . _ + -)")
     if not (benchmarks and isinstance(benchmarks[0], tuple)):  # names, not prepared data
@@ -256,7 +272,7 @@ def evaluate_model(
     for bench, source, examples in benchmarks:
         results[bench.name] = run_benchmark(
             model, tokenizer, bench, source, examples, model_dir, model_id=model_id or name,
-            scoring=scoring, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            scoring=scoring, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, extraction=extraction,
         )  # fmt: skip
     return results
 
@@ -279,8 +295,8 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
         if any(accs):
             cells = [f"{100 * sum(a) / len(a):.2f}" if a else "-" for a in accs]
             lines.append(f"| **{group} average** | | " + " | ".join(cells) + " |")
-    used = sorted({r[b]["settings"]["protocol"].split("/")[0] for r in results.values() for b in r})
-    notes = [f"- `{p}`: {PROTOCOL_NOTES[p]}" for p in used]
+    parts = {part for r in results.values() for b in r for part in r[b]["settings"]["protocol"].split("/")}
+    notes = [f"- `{p}`: {text}" for p, text in (PROTOCOL_NOTES | EXTRACTION_NOTES).items() if p in parts]
     return "\n".join(["# moe-sft eval", "", "Accuracy in % (correct/total).", "", *notes, "", *lines, ""])
 
 
@@ -319,6 +335,7 @@ def run_eval(
     max_new_tokens: int | None = None,
     num_beams: int = 1,
     scoring: Scoring = "generate",
+    extraction: Mode = DEFAULT_MODE,
 ) -> str:
     """`moe-sft eval`: validate all data, then load and evaluate each model in turn (stock or
     patched checkpoints, folders or hub ids), then write the side-by-side table. Returns it."""
@@ -330,7 +347,7 @@ def run_eval(
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if not isinstance(torch_dtype, (str, torch.dtype)):
         raise ConfigError(f"--dtype {dtype!r} is not a torch dtype (try auto, float32 or bfloat16)")
-    check_options(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, scoring=scoring)
+    check_options(batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens, scoring=scoring, extraction=extraction)
     if adapter is not None and not Path(adapter).is_dir():
         raise FileNotFoundError(f"--adapter {adapter}: no such folder (write one with moe_sft.save_moe_bias_adapter)")
     prepared = prepare_benchmarks(benchmarks, data=data, data_dir=data_dir, split=split, limit=limit)
@@ -347,7 +364,7 @@ def run_eval(
         tokenizer = AutoTokenizer.from_pretrained(path)
         results[name] = evaluate_model(
             model, tokenizer, prepared, out_dir, name=name, model_id=model_id if adapter is None else f"{model_id} + {Path(adapter).resolve()}",
-            batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, scoring=scoring,
+            batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams, scoring=scoring, extraction=extraction,
         )  # fmt: skip
         del model
         gc.collect()
