@@ -51,7 +51,7 @@ METHODS: dict[str, dict] = {  # method -> its moe_sft blocks in the train YAML
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    pretrain_seconds: float = 100.0  # wall-time budget of pre-training
+    pretrain_seconds: float = 120.0  # wall-time budget of pre-training
     finetune_seconds: float = 18.0  # fine-tuning steps = this / pre-training's median step time
     batch_size: int = 64
     pretrain_lr: float = 3e-3
@@ -116,6 +116,7 @@ def _recipe(model_path: str, data_file: str, out_dir: Path, s: DemoSettings, *, 
             "output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": s.batch_size,
             "learning_rate": lr, "lr_scheduler_type": scheduler, "weight_decay": 0.0, "logging_steps": max(steps // 5, 1),
             "save_strategy": "no", "report_to": "none", "seed": s.seed, "dataloader_drop_last": True,
+            "dataloader_pin_memory": False,
         },  # fmt: skip
     }
 
@@ -188,8 +189,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def pretrain(out: Path, s: DemoSettings, tokenizer, evalset) -> tuple[Path, float, dict]:
-    """Random init -> checkpoint -> `train()` under a wall-time budget. Returns the final
-    checkpoint, the median step time (s) and a summary."""
+    """Random init -> checkpoint -> `train()` under a wall-time budget -> stock checkpoint
+    `<out>/pretrained`. Returns that folder, the median step time (s) and a summary."""
     from ..checkpoint import from_pretrained
     from ..patching import get_handle
     from ..train import load_train_config, train
@@ -285,13 +286,18 @@ def finetune_all(base: Path, out: Path, s: DemoSettings, steps: int, tokenizer, 
 
 
 # ---- report -------------------------------------------------------------------------------
+def rare_skills(target: str) -> list[str]:
+    """The skills rarer than uniform in the corpus, the fine-tuning target excluded."""
+    w = corpus.skill_weights()
+    return [k for k in corpus.SKILL_NAMES if k != target and w[k] < 1 / len(w)]
+
+
 def rows(results: dict, base_acc: dict[str, float], target: str) -> list[dict]:
     """One row per method (plus the pre-trained model): target accuracy, accuracy on the rare
     skills (less frequent than uniform, target excluded) and on every other skill (weighted by
     corpus frequency), usage entropy, step time."""
-    w = corpus.skill_weights()
     others = [k for k in corpus.SKILL_NAMES if k != target]
-    rare = [k for k in others if w[k] < 1 / len(w)]
+    rare = rare_skills(target)
     out = []
     for name, r in {"pre-trained (no fine-tuning)": {"accuracy": base_acc}, **results}.items():
         acc = r["accuracy"]
@@ -375,9 +381,10 @@ def plots(out: Path, table: list[dict], results: dict, base_acc: dict, pruning: 
     w = corpus.skill_weights()
     ax.set_xticks(range(len(skills)), [f"{k}\n{w[k]:.0%}" for k in skills], fontsize=8)
     ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1)
     ax.set_title("accuracy per skill (corpus frequency below the name)")
-    ax.legend(fontsize=7, ncol=4)
+    ax.set_ylim(0, 1.3)  # room for the legend above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.legend(fontsize=7, ncol=len(series), loc="upper center")
     fig.tight_layout()
     _savefig(fig, out / "skills.png")
     plt.close(fig)
@@ -432,8 +439,7 @@ def run_demo(out: str | os.PathLike = "outputs/demo", quick: bool = False, threa
     table = rows(results, base_acc, s.target)
     table[0]["usage_entropy"] = base_entropy
     w = corpus.skill_weights()
-    rare = [k for k in corpus.SKILL_NAMES if k != s.target and w[k] < 1 / len(w)]
-    md = markdown(table, s.target, rare, pruning)
+    md = markdown(table, s.target, rare_skills(s.target), pruning)
     report = {
         "settings": {**dataclasses.asdict(s), "quick": quick, "finetune_steps": steps, "model": MODEL,
                      "skill_frequencies": w},  # fmt: skip
