@@ -109,3 +109,16 @@ def test_method_blocks_are_the_moesft_fields_and_overrides_apply(tmp_path):
     assert cfg.data.packing is True
     with pytest.raises(ConfigError, match=r"training\.learning_rat\b"):
         load_train_config(path, ["training.learning_rat=1e-5"])
+
+
+def test_esft_with_deepspeed_and_weight_decay_is_refused_before_any_work(tmp_path):
+    """DeepSpeed decays its fp32 master weights itself, where ESFT cannot restore frozen slices."""
+    from moe_sft.train.trainer import train
+
+    cfg = load_train_config(
+        ROOT / "configs/tiny/qwen3_moe_esft_token.yaml",
+        [f"training.output_dir={tmp_path / 'out'}", "deepspeed=configs/deepspeed/zero2.json", "training.weight_decay=0.1"],
+    )
+    with pytest.raises(ConfigError, match="weight_decay: 0"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()

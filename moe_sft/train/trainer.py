@@ -258,6 +258,14 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
             f"{cfg.deepspeed}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: true so the "
             "final model can be gathered and saved as safetensors"
         )
+    if cfg.methods.esft is not None and ds_config is not None and float(cfg.training.get("weight_decay", 0.0)) > 0:
+        # ESFT keeps unselected expert slices bit-identical by masking their gradients and restoring
+        # them after each step; DeepSpeed's optimizer decays its own fp32 master copy, out of reach.
+        raise ConfigError(
+            f"esft with deepspeed ({cfg.deepspeed}) and training.weight_decay={cfg.training['weight_decay']}: weight "
+            "decay would change the frozen expert slices inside DeepSpeed's fp32 master weights; set "
+            "training.weight_decay: 0 (as the shipped ESFT recipes do) or train without deepspeed"
+        )
     resume_from = _resume_path(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(tokenizer, cfg.data, lambda name: resolve_path(cfg, name))
