@@ -165,9 +165,10 @@ def _unfreeze_patch_parameters(model: nn.Module, handle) -> None:
             p.requires_grad_(True)
 
 
-def save_adapter(peft_model, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_adapter(peft_model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write the PEFT adapter (adapter_config.json, adapter_model.safetensors), the moe_sft
-    config and the tensors the patch added (moe_sft_extra.safetensors) atomically."""
+    config, the tensors the patch added (moe_sft_extra.safetensors) and the tokenizer, if
+    given, atomically."""
     from safetensors.torch import save_file
 
     from .io import atomic_directory
@@ -179,6 +180,8 @@ def save_adapter(peft_model, out_dir: str | os.PathLike, *, overwrite: bool = Fa
     extra = {k: state[k].detach().contiguous().cpu() for k in sorted(handle.lora_extra_keys)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         handle.config.save(tmp)
         if extra:
             save_file(extra, str(Path(tmp) / EXTRA_FILE))

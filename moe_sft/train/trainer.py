@@ -214,12 +214,17 @@ def _resume_path(cfg: TrainConfig, resume) -> str | None:
 
 
 def save_final(trainer: Trainer, handle: PatchHandle, tokenizer, out: Path, zero3: bool) -> None:
-    """Save the trained model atomically as a patched checkpoint. Under ZeRO-3 the weights are
-    gathered to rank 0 first (needs stage3_gather_16bit_weights_on_model_save)."""
+    """Save the trained model atomically as a patched checkpoint (with `lora`: the adapter, for
+    `moe_sft.lora.load_adapter`). Under ZeRO-3 the weights are gathered to rank 0 first (needs
+    stage3_gather_16bit_weights_on_model_save)."""
     state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed) if zero3 else None  # collective
     if trainer.args.should_save:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if state_dict is None:
+        if handle.config.lora is not None:
+            from ..lora import save_adapter
+
+            save_adapter(model, out, tokenizer=tokenizer, overwrite=True)  # adapter + moe_sft config/tensors
+        elif state_dict is None:
             save_pretrained(model, out, tokenizer=tokenizer, overwrite=True)
         else:
             _save_gathered(model, handle, state_dict, out, tokenizer)
@@ -266,6 +271,11 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
             "decay would change the frozen expert slices inside DeepSpeed's fp32 master weights; set "
             "training.weight_decay: 0 (as the shipped ESFT recipes do) or train without deepspeed"
         )
+    if cfg.methods.lora is not None and zero3:
+        raise ConfigError(
+            f"lora with ZeRO-3 ({cfg.deepspeed}) is not supported yet (the adapter save reads live, partitioned "
+            "parameters); use configs/deepspeed/zero2.json or no deepspeed"
+        )
     resume_from = _resume_path(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(tokenizer, cfg.data, lambda name: resolve_path(cfg, name))
@@ -273,6 +283,10 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
     ds_config, extra_args = ds_glue.prepare(ds_config, cfg.training)
     model, handle = load_model(cfg, dataset, resuming=resume_from is not None)
     model.config.use_cache = False
+    if handle.config.lora is not None:
+        from ..lora import get_peft_model
+
+        model = get_peft_model(model)  # LoRA adapters on the frozen (patched) base model
     expert_load = ExpertLoad(handle)
 
     training = {k: v for k, v in cfg.training.items() if k != "resume_from_checkpoint"}
