@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moe-sft {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The `deepspeed` launcher passes --local_rank=N before the verb; ranks are read from LOCAL_RANK.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:

@@ -107,3 +107,11 @@ def test_setup_cfg_lists_every_subpackage():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "moe_sft").rglob("__init__.py")}
     found.add("moe_sft.patches")
     assert found == listed
+
+
+def test_deepspeed_launcher_rank_argument_is_accepted():
+    """`deepspeed --module moe_sft.cli train ...` runs `moe_sft.cli --local_rank=N train ...`."""
+    from moe_sft.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "train", "recipe.yaml", "training.max_steps=4"])
+    assert args.verb == "train" and args.config == "recipe.yaml" and args.overrides == ["training.max_steps=4"]
