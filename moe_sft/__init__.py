@@ -8,19 +8,47 @@
 Importing this package patches nothing.
 """
 
-from .adapters import PatchError, RouterSpec, supported_model_types
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
-from .condenser import CondenserCallback, CondenserConfig, start_phase2, update_router_bias
-from .config import ConfigError, MoESFTConfig, RoutingConfig
-from .moe_bias_head import (
-    MoEBiasHeadConfig,
-    apply_moe_bias,
-    get_moe_bias_layer,
-    load_moe_bias_adapter,
-    moe_bias_disabled,
-    save_moe_bias_adapter,
-)
-from .patching import PatchHandle, get_handle, patch_model
+import importlib
+
+# Public names and the submodule that defines each; imported on first use, so that
+# `import moe_sft` (and `moe-sft --help`) does not pay for torch and transformers.
+_EXPORTS = {
+    "PatchError": "adapters",
+    "RouterSpec": "adapters",
+    "supported_model_types": "adapters",
+    "CheckpointError": "checkpoint",
+    "from_pretrained": "checkpoint",
+    "save_pretrained": "checkpoint",
+    "CondenserCallback": "condenser",
+    "CondenserConfig": "condenser",
+    "start_phase2": "condenser",
+    "update_router_bias": "condenser",
+    "ConfigError": "config",
+    "MoESFTConfig": "config",
+    "RoutingConfig": "config",
+    "MoEBiasHeadConfig": "moe_bias_head",
+    "apply_moe_bias": "moe_bias_head",
+    "get_moe_bias_layer": "moe_bias_head",
+    "load_moe_bias_adapter": "moe_bias_head",
+    "moe_bias_disabled": "moe_bias_head",
+    "save_moe_bias_adapter": "moe_bias_head",
+    "PatchHandle": "patching",
+    "get_handle": "patching",
+    "patch_model": "patching",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moe_sft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,8 @@ Each method's block is its own dataclass, defined next to the method and listed 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import json
 import re
 import types
@@ -27,8 +29,33 @@ class ConfigError(ValueError):
     """A configuration value or key is wrong; the message names it and the fix."""
 
 
+if typing.TYPE_CHECKING:  # for readers and type checkers; at run time see _method_config_types
+    from .condenser import CondenserConfig
+    from .densemixer import DenseMixerConfig
+    from .esft import ESFTConfig
+    from .frozen_router import FrozenRouterConfig
+    from .lora import LoraBlockConfig
+    from .moe_bias_head import MoEBiasHeadConfig
+
+# Method config blocks live next to their methods (which import this module). Their names are
+# resolved when a config is first validated, so `import moe_sft.config` stays light (no torch).
+_METHOD_CONFIG_TYPES = {
+    "CondenserConfig": "moe_sft.condenser",
+    "DenseMixerConfig": "moe_sft.densemixer",
+    "ESFTConfig": "moe_sft.esft",
+    "FrozenRouterConfig": "moe_sft.frozen_router",
+    "LoraBlockConfig": "moe_sft.lora",
+    "MoEBiasHeadConfig": "moe_sft.moe_bias_head",
+}
+
+
+@functools.cache
+def _method_config_types() -> dict[str, type]:
+    return {name: getattr(importlib.import_module(module), name) for name, module in _METHOD_CONFIG_TYPES.items()}
+
+
 def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=_method_config_types() if cls is MoESFTConfig else None)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -212,12 +239,3 @@ class MoESFTConfig:
     def load(cls, directory: str | Path) -> MoESFTConfig:
         path = Path(directory) / CONFIG_NAME
         return from_dict(cls, json.loads(path.read_text()))
-
-
-# Method config blocks, imported last: their modules import this one (ConfigError, MoESFTConfig).
-from .moe_bias_head import MoEBiasHeadConfig  # noqa: E402
-from .densemixer import DenseMixerConfig  # noqa: E402
-from .esft import ESFTConfig  # noqa: E402
-from .frozen_router import FrozenRouterConfig  # noqa: E402
-from .lora import LoraBlockConfig  # noqa: E402
-from .condenser import CondenserConfig  # noqa: E402
