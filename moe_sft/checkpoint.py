@@ -38,34 +38,47 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing files or tensors; the message names them."""
 
 
-def save_pretrained(model: PreTrainedModel, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, **kwargs) -> Path:
-    """Save a patched (or stock) model to `out_dir` atomically. Extra keyword arguments go
-    to `model.save_pretrained` (e.g. `max_shard_size`)."""
+def save_pretrained(
+    model: PreTrainedModel,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    **kwargs,
+) -> Path:
+    """Save a patched (or stock) model to `out_dir` atomically. `state_dict` replaces the live
+    weights (e.g. ZeRO-3 parameters gathered to rank 0); extra keyword arguments go to
+    `model.save_pretrained` (e.g. `max_shard_size`)."""
     handle = get_handle(model)
     out_dir = Path(out_dir)
-    extra = handle.extra_state_dict() if handle is not None else {}
+    extra = set(handle.extra_state_dict()) if handle is not None else set()
+    if state_dict is not None and extra - set(state_dict):
+        raise CheckpointError(f"the state dict to save lacks moe_sft tensors {sorted(extra - set(state_dict))[:3]}")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        if extra:
-            base = {k: v for k, v in model.state_dict().items() if k not in extra}
-            model.save_pretrained(tmp, state_dict=base, **kwargs)
+        if extra or state_dict is not None:
+            state = state_dict if state_dict is not None else model.state_dict()
+            model.save_pretrained(tmp, state_dict={k: v for k, v in state.items() if k not in extra}, **kwargs)
         else:
             model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if handle is not None:
-            save_extra_tensors(handle, tmp)
+            save_extra_tensors(handle, tmp, state_dict)
             handle.config.save(tmp)
     logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, out_dir, len(extra))
     return out_dir
 
 
-def save_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> Path | None:
-    """Write the patch's extra tensors to `directory/moe_sft_tensors.safetensors`."""
+def save_extra_tensors(handle: PatchHandle, directory: str | os.PathLike, state_dict: dict | None = None) -> Path | None:
+    """Write the patch's extra tensors to `directory/moe_sft_tensors.safetensors`, taking their
+    values from `state_dict` when given (gathered weights) or else from the live model."""
     extra = handle.extra_state_dict()
     if not extra:
         return None
+    source = state_dict if state_dict is not None else extra
     path = Path(directory) / TENSORS_NAME
-    save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(path), metadata={"format": "pt"})
+    save_file({k: source[k].detach().cpu().contiguous() for k in extra}, str(path), metadata={"format": "pt"})
     return path
 
 

@@ -24,15 +24,13 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from ..checkpoint import (
-    TENSORS_NAME,
-    CheckpointError,
     from_pretrained,
     read_saved_config,
     save_extra_tensors,
     save_pretrained,
 )
 from ..config import ConfigError, MoESFTConfig
-from ..io import atomic_directory, atomic_write_text
+from ..io import atomic_write_text
 from ..methods import enabled_methods, resolve_config
 from ..patching import PatchHandle, patch_model
 from . import deepspeed as ds_glue
@@ -224,29 +222,9 @@ def save_final(trainer: Trainer, handle: PatchHandle, tokenizer, out: Path, zero
             from ..lora import save_adapter
 
             save_adapter(model, out, tokenizer=tokenizer, overwrite=True)  # adapter + moe_sft config/tensors
-        elif state_dict is None:
-            save_pretrained(model, out, tokenizer=tokenizer, overwrite=True)
-        else:
-            _save_gathered(model, handle, state_dict, out, tokenizer)
+        else:  # under ZeRO-3, from the gathered state dict (the live parameters are partitions)
+            save_pretrained(model, out, tokenizer=tokenizer, overwrite=True, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
-
-
-def _save_gathered(model, handle: PatchHandle, state_dict: dict, out: Path, tokenizer) -> None:
-    """`moe_sft.save_pretrained` from a gathered state dict (ZeRO-3 partitions the live
-    parameters): base weights, then the moe_sft tensors in their own file, then the config."""
-    from safetensors.torch import save_file
-
-    extra = set(handle.extra_state_dict())
-    missing = sorted(extra - set(state_dict))
-    if missing:
-        raise CheckpointError(f"the gathered ZeRO-3 state dict lacks moe_sft tensors {missing[:3]}")
-    with atomic_directory(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp, state_dict={k: v for k, v in state_dict.items() if k not in extra})
-        tokenizer.save_pretrained(tmp)
-        if extra:
-            tensors = {k: state_dict[k].detach().cpu().contiguous() for k in extra}
-            save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "pt"})
-        handle.config.save(tmp)
 
 
 def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] = ()) -> Path:
