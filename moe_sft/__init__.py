@@ -10,69 +10,50 @@ Importing this package patches nothing.
 
 import importlib
 
-# Public names and the submodule that defines each; imported on first use, so that
-# `import moe_sft` (and `moe-sft --help`) does not pay for torch and transformers.
+# Public names of the core and the integrations, and the submodule that defines each; imported
+# on first use, so that `import moe_sft` (and `moe-sft --help`) does not pay for torch and
+# transformers. Every method plug-in adds its own names (`Method.exports`, `moe_sft.plugins`).
 _EXPORTS = {
     "PatchError": "adapters",
     "RouterSpec": "adapters",
     "supported_model_types": "adapters",
     "CheckpointError": "checkpoint",
-    "from_pretrained": "checkpoint",
-    "save_pretrained": "checkpoint",
-    "CondenserCallback": "condenser",
-    "CondenserConfig": "condenser",
-    "start_phase2": "condenser",
-    "update_router_bias": "condenser",
     "ConfigError": "config",
     "MoESFTConfig": "config",
     "RoutingConfig": "config",
-    "MoEBiasHeadConfig": "moe_bias_head",
-    "apply_moe_bias": "moe_bias_head",
-    "get_moe_bias_layer": "moe_bias_head",
-    "load_moe_bias_adapter": "moe_bias_head",
-    "moe_bias_disabled": "moe_bias_head",
-    "save_moe_bias_adapter": "moe_bias_head",
+    "MoESFTCallback": "integrations.hf_trainer",
     "PatchHandle": "patching",
+    "find_handle": "patching",
     "get_handle": "patching",
     "patch_model": "patching",
+    "step": "patching",
+    "Method": "plugins",
+    "register_method": "plugins",
+    "from_pretrained": "pretrained",
+    "save_pretrained": "pretrained",
 }
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("_"):
+        from .plugins import find_export
+
+        try:
+            value = find_export(name)
+        except AttributeError:
+            raise AttributeError(f"module 'moe_sft' has no attribute {name!r}") from None
+    else:
         raise AttributeError(f"module 'moe_sft' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    from .plugins import all_exports
+
+    return sorted(set(globals()) | set(_EXPORTS) | set(all_exports()))
 
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "CheckpointError",
-    "CondenserCallback",
-    "CondenserConfig",
-    "ConfigError",
-    "MoEBiasHeadConfig",
-    "MoESFTConfig",
-    "PatchError",
-    "PatchHandle",
-    "RouterSpec",
-    "RoutingConfig",
-    "apply_moe_bias",
-    "from_pretrained",
-    "get_handle",
-    "get_moe_bias_layer",
-    "load_moe_bias_adapter",
-    "moe_bias_disabled",
-    "patch_model",
-    "save_moe_bias_adapter",
-    "save_pretrained",
-    "start_phase2",
-    "supported_model_types",
-    "update_router_bias",
-]

@@ -222,10 +222,13 @@ def support_hint() -> str:
     )
 
 
-def get_adapter(model: nn.Module) -> FamilyAdapter:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+def adapter_for(model_type: str | None, what: str = "model") -> FamilyAdapter:
+    """The family adapter registered for `model_type` (a config's `model_type`)."""
     _load_families()
     if model_type not in _REGISTRY:
-        raise PatchError(f"{type(model).__name__}: unsupported model_type {model_type!r}. {support_hint()}")
+        raise PatchError(f"{what}: unsupported model_type {model_type!r}. {support_hint()}")
     return _REGISTRY[model_type]
+
+
+def get_adapter(model: nn.Module) -> FamilyAdapter:
+    return adapter_for(getattr(getattr(model, "config", None), "model_type", None), type(model).__name__)

@@ -1,33 +1,31 @@
-"""Patched checkpoints: base weights + the tensors the patch added + `moe_sft_config.json`.
+"""The patched-checkpoint layout: what a patched model writes beside its stock weights.
 
-Layout of a patched checkpoint folder:
+A patched checkpoint folder holds
     config.json, model*.safetensors   the base model, exactly as stock transformers saves it
+                                      (stock keys only; config.json as the model was loaded)
     moe_sft_tensors.safetensors       the tensors the patch added, keyed by their runtime names
-    moe_sft_config.json               the MoESFTConfig the model was patched with
+    moe_sft_config.json               the resolved MoESFTConfig the model was patched with
 
-The added tensors get their own file because transformers 5 may rename keys on save for some
-families (Mixtral is saved in its original per-expert layout), and because a stock
-transformers load of the folder should see a clean stock checkpoint.
-
-`save_pretrained` writes one atomically; `from_pretrained` loads the base weights with stock
-transformers, patches the model with the saved config (creating the extra tensors with their
-initial values) and fills every extra tensor from the checkpoint, refusing one that lacks any.
+The added tensors get their own file because transformers 5 renames keys on save for MoE
+families (the hub's per-expert layout), and so that a stock `from_pretrained` of the folder
+sees a clean stock checkpoint. `save_patched` is what a patched model's `save_pretrained`
+runs (so `Trainer.save_model`, Trainer checkpoints and `push_to_hub` write complete patched
+checkpoints); `load_extra_tensors` fills a patched model's added tensors from a folder.
+This module works on a `PatchHandle` it is given and imports no other part of moe_sft but
+the config.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .config import CONFIG_NAME, MoESFTConfig
-from .io import atomic_directory
-from .patching import PatchHandle, get_handle, patch_model
+from .config import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -35,69 +33,50 @@ TENSORS_NAME = "moe_sft_tensors.safetensors"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing files or tensors; the message names them."""
+    """A checkpoint is missing files or tensors, or is damaged; the message names the file."""
 
 
-def save_pretrained(
-    model: PreTrainedModel,
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer=None,
-    overwrite: bool = False,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    **kwargs,
-) -> Path:
-    """Save a patched (or stock) model to `out_dir` atomically. `state_dict` replaces the live
-    weights (e.g. ZeRO-3 parameters gathered to rank 0); extra keyword arguments go to
-    `model.save_pretrained` (e.g. `max_shard_size`)."""
-    handle = get_handle(model)
-    out_dir = Path(out_dir)
-    extra = set(handle.extra_state_dict()) if handle is not None else set()
-    if state_dict is not None and extra - set(state_dict):
-        raise CheckpointError(f"the state dict to save lacks moe_sft tensors {sorted(extra - set(state_dict))[:3]}")
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        if extra or state_dict is not None:
-            state = state_dict if state_dict is not None else model.state_dict()
-            model.save_pretrained(tmp, state_dict={k: v for k, v in state.items() if k not in extra}, **kwargs)
-        else:
-            model.save_pretrained(tmp, **kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if handle is not None:
-            save_extra_tensors(handle, tmp, state_dict)
-            handle.config.save(tmp)
-    logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, out_dir, len(extra))
-    return out_dir
+def save_patched(handle, save_directory, *, state_dict=None, is_main_process: bool = True, **kwargs) -> None:
+    """`model.save_pretrained` of a patched model: the stock save of the stock keys (hub layout,
+    config.json as loaded), then the added tensors and the moe_sft config beside them.
+
+    state_dict  replaces the live weights (e.g. ZeRO-3 parameters gathered to rank 0); it
+                must hold the added tensors too
+    While `handle.saving_checkpoint` is set (a Trainer checkpoint, set by MoESFTCallback), the
+    weights keep the runtime (fused) layout: the Trainer resumes them with a plain
+    `load_state_dict`, which the hub's per-expert layout would silently miss.
+    """
+    model = handle.model
+    if state_dict is not None and not state_dict:
+        # The Trainer under ZeRO-3 without stage3_gather_16bit_weights_on_model_save: only the
+        # DeepSpeed checkpoint holds weights (the added tensors included); stock writes a stub.
+        logger.warning("moe_sft: no weights to save in %s (ZeRO-3 without gathering); the DeepSpeed checkpoint has them", save_directory)
+        type(model).save_pretrained(model, save_directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        return
+    extra = handle.extra_keys()
+    state = state_dict if state_dict is not None else model.state_dict()
+    missing = sorted(extra - set(state))
+    if missing:
+        raise CheckpointError(f"the state dict to save lacks moe_sft tensors, e.g. {missing[:3]}")
+    stock = {k: v for k, v in state.items() if k not in extra}
+    if handle.saving_checkpoint:
+        kwargs["save_original_format"] = False
+    with handle.stock_config():
+        type(model).save_pretrained(model, save_directory, state_dict=stock, is_main_process=is_main_process, **kwargs)
+    if not is_main_process:
+        return
+    path = Path(save_directory) / TENSORS_NAME
+    if extra:
+        save_file({k: state[k].detach().cpu().contiguous() for k in sorted(extra)}, str(path), metadata={"format": "pt"})
+    elif path.exists():
+        path.unlink()  # a stale file from an earlier save into the same folder
+    handle.config.save(save_directory)
+    logger.info("moe_sft: saved %s to %s (%d moe_sft tensors)", type(model).__name__, save_directory, len(extra))
 
 
-def save_extra_tensors(handle: PatchHandle, directory: str | os.PathLike, state_dict: dict | None = None) -> Path | None:
-    """Write the patch's extra tensors to `directory/moe_sft_tensors.safetensors`, taking their
-    values from `state_dict` when given (gathered weights) or else from the live model."""
-    extra = handle.extra_state_dict()
-    if not extra:
-        return None
-    source = state_dict if state_dict is not None else extra
-    path = Path(directory) / TENSORS_NAME
-    save_file({k: source[k].detach().cpu().contiguous() for k in extra}, str(path), metadata={"format": "pt"})
-    return path
-
-
-def _local_dir(path: str, **hub_kwargs) -> Path | None:
-    """`path` as a local folder, downloading a hub repo only if it is a patched checkpoint."""
-    if os.path.isdir(path):
-        return Path(path)
-    from transformers.utils import cached_file
-
-    found = cached_file(path, CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-    if found is None:
-        return None
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs))
-
-
-def load_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> int:
-    """Fill the patch's extra tensors from `directory/moe_sft_tensors.safetensors`."""
+def load_extra_tensors(handle, directory: str | os.PathLike) -> int:
+    """Fill the patch's added tensors from `directory/moe_sft_tensors.safetensors`; returns
+    how many. Refuses a missing or damaged file and missing or misshapen tensors."""
     directory = Path(directory)
     expected = handle.extra_state_dict()
     if not expected:
@@ -106,9 +85,12 @@ def load_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> int
     if not path.is_file():
         raise CheckpointError(
             f"{directory} has a {CONFIG_NAME} whose methods add {len(expected)} tensor(s), but no {TENSORS_NAME}; "
-            "save patched models with moe_sft.save_pretrained (or `moe-sft patch`)"
+            "save patched models with model.save_pretrained / moe_sft.save_pretrained (or `moe-sft patch`)"
         )
-    found = load_file(str(path))
+    try:
+        found = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); the file is damaged or cut short, save it again") from None
     missing = sorted(set(expected) - set(found))
     if missing:
         raise CheckpointError(
@@ -122,37 +104,3 @@ def load_extra_tensors(handle: PatchHandle, directory: str | os.PathLike) -> int
                 raise CheckpointError(f"{path}: tensor {key} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
             target.copy_(src.to(target.dtype))
     return len(expected)
-
-
-def from_pretrained(
-    path: str | os.PathLike, config: MoESFTConfig | None = None, **kwargs
-) -> PreTrainedModel:
-    """Load a model saved by `moe-sft patch` / `save_pretrained`, patched exactly as saved.
-
-    path    a local folder or a hub id
-    config  patch a checkpoint that has no moe_sft_config.json with this config (a folder
-            that has one is always restored with its own; passing both is an error)
-    kwargs  go to `AutoModelForCausalLM.from_pretrained` (dtype, device_map, ...)
-
-    A stock checkpoint with `config=None` is returned unpatched.
-    """
-    path = str(path)
-    hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-    local = _local_dir(path, **hub_kwargs)
-    saved = local is not None and (local / CONFIG_NAME).is_file()
-    if saved and config is not None:
-        raise ValueError(f"{path} already holds a {CONFIG_NAME}; load it without `config=` (it is restored as saved)")
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if saved:
-        handle = patch_model(model, MoESFTConfig.load(local))
-        n = load_extra_tensors(handle, local)
-        logger.info("moe_sft: restored patched model from %s (%d moe_sft tensors loaded by moe_sft)", path, n)
-    elif config is not None:
-        patch_model(model, config)
-    return model
-
-
-def read_saved_config(path: str | os.PathLike) -> dict | None:
-    """The saved moe_sft config of a local checkpoint folder, or None for a stock one."""
-    file = Path(path) / CONFIG_NAME
-    return json.loads(file.read_text()) if file.is_file() else None

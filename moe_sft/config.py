@@ -1,16 +1,18 @@
 """Typed configuration: YAML -> dataclass -> `key=value` overrides; unknown keys are errors.
 
-`MoESFTConfig` holds one optional block per method. A block that is `None` (or absent from
-the YAML) is off, so `MoESFTConfig()` and an empty YAML `{}` both mean "every method off".
-Each method's block is its own dataclass, defined next to the method and listed here.
+`MoESFTConfig` holds the core fields and one optional block per method. A block that is `None`
+(or absent from the YAML) is off, so `MoESFTConfig()` and an empty YAML `{}` both mean "every
+method off". Each method's block is its own dataclass, defined with the method in
+`moe_sft.methods`; the config class is assembled from the method registry (`moe_sft.plugins`)
+on first use, so this module imports no method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
+import math
 import re
 import types
 import typing
@@ -19,43 +21,16 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 CONFIG_NAME = "moe_sft_config.json"
 
 # Numbers like 1e-5 that PyYAML (YAML 1.1) leaves as strings.
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it and the fix."""
-
-
-if typing.TYPE_CHECKING:  # for readers and type checkers; at run time see _method_config_types
-    from .condenser import CondenserConfig
-    from .densemixer import DenseMixerConfig
-    from .esft import ESFTConfig
-    from .frozen_router import FrozenRouterConfig
-    from .lora import LoraBlockConfig
-    from .moe_bias_head import MoEBiasHeadConfig
-
-# Method config blocks live next to their methods (which import this module). Their names are
-# resolved when a config is first validated, so `import moe_sft.config` stays light (no torch).
-_METHOD_CONFIG_TYPES = {
-    "CondenserConfig": "moe_sft.condenser",
-    "DenseMixerConfig": "moe_sft.densemixer",
-    "ESFTConfig": "moe_sft.esft",
-    "FrozenRouterConfig": "moe_sft.frozen_router",
-    "LoraBlockConfig": "moe_sft.lora",
-    "MoEBiasHeadConfig": "moe_sft.moe_bias_head",
-}
-
-
-@functools.cache
-def _method_config_types() -> dict[str, type]:
-    return {name: getattr(importlib.import_module(module), name) for name, module in _METHOD_CONFIG_TYPES.items()}
-
-
 def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls, localns=_method_config_types() if cls is MoESFTConfig else None)
+    hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -199,36 +174,24 @@ class RoutingConfig:
     disabled_experts: dict[int, list[int]] | None = None
 
 
-@dataclasses.dataclass
-class MoESFTConfig:
-    """Which MoE methods a patched model runs. Every block defaults to off.
-
-    The foundation has no method blocks yet beyond the shared switches below; each method
-    adds its block here as it lands.
-    """
-
-    # Record per-step expert usage (token counts and summed router probabilities) in every
-    # MoE layer during training forwards; read it with `PatchHandle.usage()`.
-    track_usage: bool = False
-    routing: RoutingConfig | None = None
-    condenser: CondenserConfig | None = None
-    moe_bias_head: MoEBiasHeadConfig | None = None
-    frozen_router: FrozenRouterConfig | None = None
-    densemixer: DenseMixerConfig | None = None
-    esft: ESFTConfig | None = None
-    lora: LoraBlockConfig | None = None
+class MoESFTConfigBase:
+    """What every MoESFTConfig can do (the dataclass itself is assembled by `config_class`)."""
 
     @classmethod
-    def from_dict(cls, data: dict) -> MoESFTConfig:
+    def from_dict(cls, data: dict):
         return from_dict(cls, data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> MoESFTConfig:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None):
         return from_dict(cls, apply_overrides(load_yaml(path), overrides or []))
 
     def to_dict(self) -> dict:
         """Plain data; blocks that are off (None) are left out, so saved configs stay short."""
         return {k: v for k, v in to_dict(self).items() if v is not None}
+
+    def method_blocks(self) -> dict[str, Any]:
+        """{method name: its block} for the method blocks that are set."""
+        return {k: v for k, v in vars(self).items() if k not in CORE_FIELDS and v is not None}
 
     def save(self, directory: str | Path) -> Path:
         from .io import atomic_write_text
@@ -236,6 +199,66 @@ class MoESFTConfig:
         return atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> MoESFTConfig:
+    def load(cls, directory: str | Path):
         path = Path(directory) / CONFIG_NAME
-        return from_dict(cls, json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; {directory} is not a checkpoint saved by moe_sft") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); the checkpoint is damaged") from None
+        try:
+            return from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+def _check_aux(self) -> None:
+    coef = self.router_aux_loss_coef
+    if coef is not None and not (math.isfinite(coef) and coef >= 0):
+        raise ConfigError(f"router_aux_loss_coef = {coef}: must be a finite number >= 0 (e.g. 0.001), or null for the checkpoint's")
+
+
+# The fields every MoESFTConfig has, before the method blocks (name, type, default).
+CORE_FIELDS: dict[str, tuple[Any, Any]] = {
+    # Record per-layer expert usage (token counts and summed router scores) in training
+    # forwards; read it with `PatchHandle.usage()`.
+    "track_usage": (bool, False),
+    "routing": (RoutingConfig | None, None),
+    # The family's load-balancing aux loss (transformers' config names; LLaMA-Factory calls the
+    # coefficient `moe_aux_loss_coef`). None: as the checkpoint's config.json says. Setting a
+    # non-zero coefficient turns output_router_logits on unless it is set too; with
+    # output_router_logits false there is no aux loss, whatever the coefficient (as in
+    # transformers). Resolved and saved at patch time.
+    "router_aux_loss_coef": (float | None, None),
+    "output_router_logits": (bool | None, None),
+}
+
+
+@functools.cache
+def config_class() -> type:
+    """The `MoESFTConfig` dataclass: the core fields, then one optional block per registered
+    method (`moe_sft.plugins`), in registration order. Built once, on first use."""
+    from .plugins import mark_config_built, registered_methods
+
+    fields = [(name, tp, dataclasses.field(default=default)) for name, (tp, default) in CORE_FIELDS.items()]
+    fields += [(m.name, m.config_class | None, dataclasses.field(default=None)) for m in registered_methods()]
+    cls = dataclasses.make_dataclass(
+        "MoESFTConfig",
+        fields,
+        bases=(MoESFTConfigBase,),
+        namespace={"__post_init__": _check_aux, "__module__": __name__},
+    )
+    cls.__doc__ = (
+        "Which MoE methods a patched model runs: one optional block per method (None = off), so "
+        "`MoESFTConfig()` and an empty YAML `{}` both mean every method off.\n\n"
+        f"Core fields: {', '.join(CORE_FIELDS)}. Method blocks: {', '.join(m.name for m in registered_methods())}."
+    )
+    mark_config_built()
+    return cls
+
+
+def __getattr__(name: str):
+    if name == "MoESFTConfig":  # assembled from the method registry on first use
+        return config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,11 @@ def moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
 
     logits = adapter.router_logits(self, x)  # (T, E), seen by output_router_logits hooks
     routing = route(ctl.spec, logits, ctl, adapter.selection_correction(self), x)
+    if ctl.observers:
+        training = should_record_usage(self)
+        for observe, training_only in ctl.observers:
+            if training or not training_only:
+                observe(ctl.layer_idx, routing, x, self)
 
     # (T, H): routed + forced experts in one pass of the fused experts module.
     weights = routing.weights.detach() if ctl.detach_combine_weights else routing.weights
@@ -31,9 +36,6 @@ def moe_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     shared = adapter.shared_output(self, x)
     if shared is not None:
         y = y + shared
-
-    if ctl.usage is not None and should_record_usage(self):
-        ctl.usage.add(routing)
     return y.reshape(shape)
 
 

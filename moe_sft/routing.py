@@ -15,7 +15,9 @@ extension points the methods use, all held per MoE layer by a `MoEControls` modu
     detach_combine_weights  the experts combine with gate weights cut from the autograd
                     graph (same values); a method that sets it gives the router its gradient
                     by another path (DenseMixer's output hook)
-    usage           per-step usage statistics (`UsageStats`)
+    observers       callables (layer_idx, routing, x, block) -> None that see every routing
+                    (read only): the one routing record that usage statistics, expert-load
+                    logging, ESFT scores and pruning profiles reduce over
 
 With every point unset, `route` reproduces the family's stock router exactly.
 """
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from .adapters import RouterSpec
+from .config import ConfigError
 
 
 @dataclasses.dataclass
@@ -49,33 +52,74 @@ class Routing:
     num_routed: int
 
 
-class UsageStats:
-    """Per-layer expert usage summed over the forwards since the last `reset()`.
+class ExpertUsage:
+    """Expert usage of one MoE layer, summed over the routings it is given since `reset()`.
 
-    counts (E,) int64   times each expert was in a token's selection (routed or forced)
-    soft   (E,) fp32    sum over tokens of the expert's score s_e
-    tokens int          tokens seen
-    Kept in int64 / fp32 whatever the model dtype so bf16 training loses no counts.
+    counts      (E,) int64  slots held by each expert (routed picks, plus forced experts
+                            unless routed_only)
+    score_mass  (E,) fp32   sum over tokens of the router score s_e (softmax / sigmoid of the
+                            biased, masked logits)
+    gate_mass   (E,) fp32   sum over the counted slots of the gate weight w_e
+    picked_score_mass (E,) fp32  sum over the counted slots of s_e (the score of the experts
+                            that were picked: what a selection-only bias moves)
+    tokens      ()  int64   tokens counted
+    Kept in int64 / fp32 whatever the model dtype so bf16 training loses no counts; on the
+    layer's device, so adding costs no host sync. `keep` (T,) bool restricts a routing to some
+    tokens (e.g. non-padding).
     """
 
-    def __init__(self, num_experts: int, device: torch.device):
+    STATS = ("counts", "score_mass", "gate_mass", "picked_score_mass")
+
+    def __init__(self, num_experts: int, device: torch.device | str = "cpu", *, routed_only: bool = False):
+        self.routed_only = routed_only
         self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        self.soft = torch.zeros(num_experts, dtype=torch.float32, device=device)
-        self.tokens = 0
+        self.score_mass = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.gate_mass = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.picked_score_mass = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def add(self, routing: Routing) -> None:
-        idx = routing.index.reshape(-1)
-        self.counts = self.counts.to(idx.device)
-        self.soft = self.soft.to(routing.scores.device)
-        self.counts.index_add_(0, idx, torch.ones_like(idx))
-        self.soft += routing.scores.detach().float().sum(0)
-        self.tokens += routing.index.shape[0]
+    def add(self, routing: Routing, keep: torch.Tensor | None = None) -> None:
+        index = routing.index[:, : routing.num_routed] if self.routed_only else routing.index  # (T, K')
+        weights = routing.weights[:, : index.shape[1]]
+        scores = routing.scores
+        if keep is not None:
+            keep = keep.to(index.device)
+            index, weights, scores = index[keep], weights[keep], scores[keep]
+        flat = index.reshape(-1)
+        self._to(flat.device)
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
+        self.score_mass += scores.float().sum(0)
+        self.gate_mass.index_add_(0, flat, weights.detach().reshape(-1).float())
+        self.picked_score_mass.index_add_(0, flat, scores.gather(1, index).reshape(-1).float())
+        self.tokens += index.shape[0]
+
+    def _to(self, device: torch.device) -> None:
+        if self.counts.device != device:  # the layer moved (e.g. .to("cuda") after patching)
+            for name in (*self.STATS, "tokens"):
+                setattr(self, name, getattr(self, name).to(device))
 
     def reset(self) -> None:
-        self.counts.zero_()
-        self.soft.zero_()
-        self.tokens = 0
+        for name in (*self.STATS, "tokens"):
+            getattr(self, name).zero_()
+
+    def add_usage(self, other: ExpertUsage) -> None:
+        self._to(other.counts.device)
+        for name in (*self.STATS, "tokens"):
+            getattr(self, name).add_(getattr(other, name))
+
+    def all_reduce(self) -> ExpertUsage:
+        """A copy summed over the ranks of the default process group (a collective)."""
+        out = ExpertUsage(self.counts.numel(), self.counts.device, routed_only=self.routed_only)
+        out.add_usage(self)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            packed = torch.cat([out.counts, out.tokens.view(1)])  # one int64 and one fp32 reduction
+            floats = torch.stack([out.score_mass, out.gate_mass, out.picked_score_mass])
+            torch.distributed.all_reduce(packed)
+            torch.distributed.all_reduce(floats)
+            out.counts, out.tokens = packed[:-1].clone(), packed[-1].clone()
+            out.score_mass, out.gate_mass, out.picked_score_mass = (f.clone() for f in floats)
+        return out
 
 
 def should_record_usage(module: nn.Module) -> bool:
@@ -104,7 +148,8 @@ class MoEControls(nn.Module):
         self.allow_overlap = False
         self.output_hooks: list[Callable] = []
         self.detach_combine_weights = False
-        self.usage: UsageStats | None = None
+        self.observers: list[tuple[Callable, bool]] = []  # (observer, training forwards only)
+        self.claims: dict[str, str] = {}  # extension point -> the config block that set it
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, experts={self.spec.num_experts}, top_k={self.spec.top_k}"
@@ -119,10 +164,27 @@ class MoEControls(nn.Module):
             self.register_buffer(name, value, persistent=persistent)
         return value
 
-    def track_usage(self, device: torch.device) -> UsageStats:
-        if self.usage is None:
-            self.usage = UsageStats(self.spec.num_experts, device)
-        return self.usage
+    def claim(self, point: str, who: str) -> None:
+        """Record that config block `who` sets extension point `point` (e.g. "forced"); two
+        blocks cannot set the same one (their effects would silently overwrite each other)."""
+        if self.claims.get(point, who) != who:
+            raise ConfigError(
+                f"layer {self.layer_idx}: {who} and {self.claims[point]} both set the routing's `{point}`; "
+                "they cannot be combined, drop one of them"
+            )
+        self.claims[point] = who
+
+    def observe(self, fn: Callable, *, training_only: bool) -> Callable[[], None]:
+        """Call `fn(layer_idx, routing, x, block)` on every routing of this layer (only in real
+        training forwards with `training_only`, see `should_record_usage`); returns the remover."""
+        entry = (fn, training_only)
+        self.observers.append(entry)
+
+        def remove():
+            if entry in self.observers:
+                self.observers.remove(entry)
+
+        return remove
 
 
 def _group_limit(sel: torch.Tensor, spec: RouterSpec) -> torch.Tensor:

@@ -22,7 +22,7 @@ import time
 import torch
 
 import moe_sft
-from moe_sft.condenser import CondenserConfig, CondensersConfig, RouterBiasConfig, update_router_bias
+from moe_sft.methods.condenser import CondenserConfig, CondensersConfig, RouterBiasConfig, update_router_bias
 from moe_sft.testing import tiny_batch, tiny_model
 
 SHAPE = dict(

@@ -25,7 +25,7 @@ import time
 import torch
 
 import moe_sft
-from moe_sft.densemixer import DenseMixerConfig
+from moe_sft.methods.densemixer import DenseMixerConfig
 from moe_sft.testing import tiny_model
 
 SHAPE = dict(

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from moe_sft.moe_bias_head import MoEBiasHead, MoEBiasHeadConfig
+from moe_sft.methods.moe_bias_head import MoEBiasHead, MoEBiasHeadConfig
 
 
 def make_step(lm_head, head, h, labels):

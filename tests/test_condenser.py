@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moe_sft
-from moe_sft import ConfigError, MoESFTConfig
-from moe_sft.condenser import (
+from moe_sft import ConfigError, MoESFTCallback, MoESFTConfig
+from moe_sft.methods.condenser import (
     GAMMA_DEFAULTS,
-    CondenserCallback,
     CondenserConfig,
     CondensersConfig,
     RouterBiasConfig,
@@ -363,7 +362,7 @@ def test_new_condensers_leave_step0_outputs_exact(family):
     with torch.no_grad():
         out = model(**batch).logits
     assert torch.equal(out, stock)
-    assert handle.config.condenser.condensers.resolved_budget == "additive"
+    assert handle.config.condenser.condensers.budget == "additive"
     handle.revert()
 
 
@@ -440,75 +439,66 @@ def _args(tmp_path, **kw):
 
 
 def test_trainer_updates_once_per_optimizer_step_with_accumulation_and_checkpointing(tmp_path):
-    """GA = 2 with activation checkpointing: each update uses the usage of exactly two
-    micro-batches (also counted independently by the foundation's usage stats), though the
-    router runs twice per micro-batch (forward + recompute)."""
+    """GA = 2 with activation checkpointing, through a plain Trainer with MoESFTCallback: each
+    update uses the usage of exactly two micro-batches (counted independently by the
+    foundation's usage stats), though the router runs twice per micro-batch (forward +
+    recompute)."""
     model = tiny_model("qwen2_moe")
     gamma = 0.01
     handle = moe_sft.patch_model(model, MoESFTConfig(track_usage=True, condenser=CondenserConfig(bias=RouterBiasConfig(gamma=gamma))))
     model.activation_checkpointing_enable()
     router_calls = [0]
     handle.layers[0].block.gate.register_forward_hook(lambda *a: router_calls.__setitem__(0, router_calls[0] + 1))
-    log = []
+    log = [{"bias": {k: v.clone() for k, v in router_bias(handle).items()}, "router_calls": 0,
+            "totals": {m.layer_idx: int(m.controls.usage_total.sum()) for m in handle.layers}}]  # fmt: skip
 
-    class Before(TrainerCallback):
+    class Record(TrainerCallback):  # runs after MoESFTCallback's update
         def on_step_end(self, args, state, control, **kw):
             log.append({"bias": {k: v.clone() for k, v in router_bias(handle).items()},
-                        "usage": {k: (s.soft.clone(), s.tokens) for k, s in handle.usage().items()},
-                        "own_tokens": [int(m.controls.condenser_step.tokens) for m in handle.layers],
-                        "router_calls": router_calls[0]})
+                        "usage": {k: (s.score_mass.clone(), int(s.tokens)) for k, s in handle.usage().items()},
+                        "totals": {m.layer_idx: int(m.controls.usage_total.sum()) for m in handle.layers},
+                        "router_calls": router_calls[0]})  # fmt: skip
             handle.usage(reset=True)
 
-    class After(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            log[-1]["after"] = {k: v.clone() for k, v in router_bias(handle).items()}
-
-    cb = moe_sft.methods.get_method("condenser").callbacks(handle, handle.config.condenser)
-    assert len(cb) == 1 and isinstance(cb[0], CondenserCallback)
     trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2, max_steps=3),
-                      train_dataset=_Rows(model, 12), callbacks=[Before(), *cb, After()])
+                      train_dataset=_Rows(model, 12), callbacks=[Record(), MoESFTCallback(expert_load=False)])  # fmt: skip
     trainer.train()
-    assert len(log) == 3
-    for i, entry in enumerate(log):
+    assert len(log) == 4
+    for before, entry in zip(log, log[1:]):
         for layer, (soft, tokens) in entry["usage"].items():
             assert tokens == 2 * 2 * 12  # two micro-batches of 2 x 12 tokens
             step = gamma * torch.sign(soft.double() - soft.double().mean()).float()
-            torch.testing.assert_close(entry["after"][layer], entry["bias"][layer] + step, atol=1e-7, rtol=0)
-        assert entry["own_tokens"] == [2 * 2 * 12] * len(handle.layers)  # the method's own record
-        calls = entry["router_calls"] - (log[i - 1]["router_calls"] if i else 0)
-        assert calls == 4  # recomputed in backward, not recorded
-    for m in handle.layers:  # 3 steps x 48 tokens x top-4 routed picks
-        assert int(m.controls.usage_total.sum()) == 3 * 48 * 4
+            torch.testing.assert_close(entry["bias"][layer], before["bias"][layer] + step, atol=1e-7, rtol=0)
+            # the method's own record of the step: 48 tokens x top-4 routed picks
+            assert entry["totals"][layer] - before["totals"][layer] == 48 * 4
+        assert entry["router_calls"] - before["router_calls"] == 4  # recomputed in backward, not recorded
     handle.revert()
 
 
-class _RuntimeFormatTrainer(Trainer):
-    """transformers 5.23's Trainer saves checkpoints with `save_pretrained` (experts converted
-    back to the hub's per-expert layout) but resumes with a raw `load_state_dict`, which then
-    misses the fused expert tensors. Saving in the runtime layout isolates what this test is
-    about: the bias and usage totals are model state, and updates continue exactly."""
+def test_plain_trainer_checkpoint_resume_continues_biases_exactly(tmp_path):
+    """A plain transformers Trainer with MoESFTCallback: its checkpoints are patched
+    checkpoints, and resuming one continues the bias, usage totals and weights exactly."""
 
-    def _save(self, output_dir=None, state_dict=None):
-        self.model.save_pretrained(output_dir, save_original_format=False)
-
-
-def test_trainer_checkpoint_resume_continues_biases_exactly(tmp_path):
     def run(max_steps, resume=None, save_steps=None):
         model = tiny_model("qwen3_moe")
         handle = moe_sft.patch_model(model, _cfg(gamma=0.01))
         kw = dict(save_strategy="steps", save_steps=save_steps) if save_steps else {}
-        trainer = _RuntimeFormatTrainer(model=model, args=_args(tmp_path / "run", max_steps=max_steps, **kw),
-                                        train_dataset=_Rows(model, 16), callbacks=[CondenserCallback(handle)])
+        trainer = Trainer(model=model, args=_args(tmp_path / "run", max_steps=max_steps, **kw),
+                          train_dataset=_Rows(model, 16), callbacks=[MoESFTCallback()])  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
-        return {k: v.clone() for k, v in router_bias(handle).items()}, {m.layer_idx: m.controls.usage_total.clone() for m in handle.layers}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return {k: v.clone() for k, v in router_bias(handle).items()}, {m.layer_idx: m.controls.usage_total.clone() for m in handle.layers}, state
 
-    full_bias, full_total = run(4)
+    full_bias, full_total, full_state = run(4)
     run(2, save_steps=2)
-    resumed_bias, resumed_total = run(4, resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert (tmp_path / "run" / "checkpoint-2" / "moe_sft_tensors.safetensors").is_file()
+    resumed_bias, resumed_total, resumed_state = run(4, resume=str(tmp_path / "run" / "checkpoint-2"))
     for k in full_bias:
         assert full_bias[k].abs().sum() > 0
         assert torch.equal(resumed_bias[k], full_bias[k])
         assert torch.equal(resumed_total[k], full_total[k])
+    for k, v in full_state.items():  # fused experts included (the checkpoint keeps the runtime layout)
+        assert torch.equal(resumed_state[k], v), k
 
 
 # --------------------------------------------------------------------------- checkpoints + recipe

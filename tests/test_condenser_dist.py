@@ -40,7 +40,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
 
     import moe_sft
-    from moe_sft.condenser import CondenserConfig, RouterBiasConfig, router_bias, update_router_bias
+    from moe_sft.methods.condenser import CondenserConfig, RouterBiasConfig, router_bias, update_router_bias
     from moe_sft.testing import tiny_batch, tiny_model
 
     torch.set_num_threads(1)
@@ -54,7 +54,7 @@ def _worker(out: Path) -> None:
         for micro in range(MICRO):
             model(**tiny_batch(model, seed=1000 * rank + 10 * step + micro)).loss.backward()
         # this rank's own usage of the step (the update all-reduces and then resets it)
-        local = torch.stack([m.controls.condenser_step.soft.clone() for m in handle.layers])
+        local = torch.stack([handle.state["condenser"].step_usage[m.layer_idx].score_mass.clone() for m in handle.layers])
         before = torch.stack([b.clone() for b in router_bias(handle).values()])
         opt.step()
         opt.zero_grad()

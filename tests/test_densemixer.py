@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moe_sft
 from moe_sft import ConfigError, MoESFTConfig, PatchError
-from moe_sft.densemixer import DenseMixerConfig
+from moe_sft.methods.densemixer import DenseMixerConfig
 from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
 
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -163,19 +163,21 @@ def test_no_dense_work_without_grad():
     handle.revert()
 
 
-def test_bad_config_and_forced_experts_are_refused():
+def test_bad_config_and_longtail_condensers_are_refused():
     with pytest.raises(ConfigError, match="chunk_tokens"):
         MoESFTConfig.from_dict({"densemixer": {"chunk_tokens": 0}})
     with pytest.raises(ConfigError, match="memory"):
         MoESFTConfig.from_dict({"densemixer": {"memory": "lazy"}})
+    # Always-active long-tail condensers are outside DenseMixer's top-k definition: refused by
+    # patch_model before anything is installed, naming both blocks.
     model = tiny_model("olmoe").train()
-    handle = moe_sft.patch_model(model, _cfg())
-    ctl = handle.layers[0].controls
-    ctl.set_tensor("forced", torch.tensor([0]), persistent=False)
-    ctl.num_routed = 3
-    with pytest.raises(PatchError, match="forced"):
-        model(**tiny_batch(model)).loss.backward()
-    handle.revert()
+    ref = model(**tiny_batch(model)).logits
+    config = MoESFTConfig.from_dict(
+        {"densemixer": {}, "condenser": {"bias": {"gamma": 1e-3}, "condensers": {"num": 2, "experts": {0: [0, 1], 1: [2, 3]}}}}
+    )
+    with pytest.raises(ConfigError, match=r"densemixer and condenser\.condensers"):
+        moe_sft.patch_model(model, config)
+    assert moe_sft.get_handle(model) is None and torch.equal(model(**tiny_batch(model)).logits, ref)
 
 
 def test_custom_gate_split_is_refused():

@@ -8,7 +8,7 @@ import torch
 
 import moe_sft
 from moe_sft import ConfigError, MoESFTConfig
-from moe_sft.esft import (
+from moe_sft.methods.esft import (
     ESFTConfig,
     _ScoreRecorder,
     esft_profile,
@@ -20,7 +20,7 @@ from moe_sft.esft import (
     select_experts,
     trainable_parameters,
 )
-from moe_sft.methods import get_method
+from moe_sft.plugins import get_method
 from moe_sft.routing import Routing
 from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
 
@@ -32,7 +32,7 @@ def test_scores_and_selection_by_hand():
     weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.9, 0.1], [0.7, 0.3], [0.8, 0.2], [0.6, 0.4]])
     rec = _ScoreRecorder(4)
     rec.mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    rec(None, None, Routing(None, None, index, weights, num_routed=2), None)
+    rec(Routing(None, None, index, weights, num_routed=2))
     gate = (rec.gate / rec.samples).tolist()
     token = (rec.token / rec.samples).tolist()
     # sample 0 (2 tokens): gate e0 (.6+.5)/2, e1 .4/2, e2 .5/2, e3 0; sample 1 (3 tokens):
@@ -108,7 +108,6 @@ def test_adamw_weight_decay_keeps_frozen_slices_bit_identical(family, tmp_path):
     model = tiny_model(family).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     handle, selection = _patch_esft(model, tmp_path)
-    cb = get_method("esft").callbacks(handle, handle.config.esft)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
     for step in range(3):
@@ -119,7 +118,7 @@ def test_adamw_weight_decay_keeps_frozen_slices_bit_identical(family, tmp_path):
             assert torch.count_nonzero(m.block.experts.gate_up_proj.grad[frozen]) == 0
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        cb.on_optimizer_step(None, None, None)
+        moe_sft.step(model)  # the per-step work: ESFT restores the frozen slices
         opt.zero_grad()
 
     expert_names = set()

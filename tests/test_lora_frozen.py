@@ -6,10 +6,10 @@ import torch
 
 import moe_sft
 from moe_sft import ConfigError, MoESFTConfig
-from moe_sft.esft import ESFTConfig, save_selection
-from moe_sft.densemixer import DenseMixerConfig
-from moe_sft.frozen_router import FrozenRouterConfig
-from moe_sft.lora import LoraBlockConfig, get_peft_model, load_adapter, save_adapter
+from moe_sft.methods.esft import ESFTConfig, save_selection
+from moe_sft.methods.densemixer import DenseMixerConfig
+from moe_sft.methods.frozen_router import FrozenRouterConfig
+from moe_sft.methods.lora import LoraBlockConfig, get_peft_model, load_adapter, save_adapter
 from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
 
 

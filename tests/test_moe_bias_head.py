@@ -13,8 +13,8 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 import moe_sft
 from moe_sft import ConfigError, MoEBiasHeadConfig, MoESFTConfig
-from moe_sft import moe_bias_head
-from moe_sft.moe_bias_head import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MoEBiasHead, load_balance_loss
+from moe_sft.methods import moe_bias_head
+from moe_sft.methods.moe_bias_head import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MoEBiasHead, load_balance_loss
 from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
 
 ENV_VARS = ("MOE_BIAS_ENABLED", "MOE_BIAS_NUM_EXPERTS", "MOE_BIAS_TOP_K", "MOE_BIAS_LOAD_BALANCE_WEIGHT")

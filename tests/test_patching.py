@@ -224,7 +224,7 @@ def test_usage_counts_only_real_training_forwards():
     model(**batch).loss.backward()
     for s in handle.usage().values():
         assert s.tokens == 16 and s.counts.sum() == 16 * 4 and s.counts.dtype == torch.int64
-        torch.testing.assert_close(s.soft.sum(), torch.tensor(16.0))  # softmax rows sum to 1
+        torch.testing.assert_close(s.score_mass.sum(), torch.tensor(16.0))  # softmax rows sum to 1
 
     # gradient checkpointing: the recompute in backward must not count again. Early stop is
     # off so the recompute runs the whole block (torch's default may stop before the end).

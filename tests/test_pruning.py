@@ -254,7 +254,7 @@ def test_remove_refusals(tmp_path):
         check_removable(ds, {1: [0, 1], 2: [0, 4]})
     with pytest.raises(ConfigError, match="leave 1 expert"):
         check_removable(ds, {layer: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14][:12] for layer in (1, 2)})
-    from moe_sft.frozen_router import FrozenRouterConfig
+    from moe_sft.methods.frozen_router import FrozenRouterConfig
 
     frozen = tiny_model("olmoe")
     moe_sft.patch_model(frozen, MoESFTConfig(frozen_router=FrozenRouterConfig()))

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from moe_sft.config import ConfigError
-from moe_sft.lora import load_adapter
+from moe_sft.methods.lora import load_adapter
 from moe_sft.testing import tiny_batch, tiny_model
 from moe_sft.train.config import load_train_config
 from moe_sft.train.trainer import train

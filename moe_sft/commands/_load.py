@@ -35,7 +35,7 @@ def load_model(model: str, dtype: str):
     """A stock or patched (restored as saved) checkpoint, on the GPU(s) when there are any."""
     import torch
 
-    from ..checkpoint import from_pretrained
+    from ..pretrained import from_pretrained
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if not isinstance(torch_dtype, (str, torch.dtype)):

@@ -30,13 +30,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from ..checkpoint import save_pretrained
-    from ..config import ConfigError, MoESFTConfig, apply_overrides, from_dict, load_yaml
+    from ..pretrained import save_pretrained
+    from ..config import ConfigError, apply_overrides, config_class, from_dict, load_yaml
     from ..patching import patch_model
 
     # Everything that can be wrong with the input is checked before loading weights.
     data = load_yaml(args.config) if args.config else {}
-    config = from_dict(MoESFTConfig, apply_overrides(data, args.overrides))
+    config = from_dict(config_class(), apply_overrides(data, args.overrides))
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {str(out)!r} exists and is not empty; choose a new folder or pass --overwrite")

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint import read_saved_config
+    from ..pretrained import read_saved_config
     from ..pruning.export import check_removable, export_removed
     from ..pruning.mask import save_masked
     from ..pruning.profile import ExpertProfile

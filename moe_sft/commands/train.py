@@ -25,12 +25,18 @@ def add_parser(sub) -> None:
         metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from the latest checkpoint-* in output_dir when no folder is given",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="training.output_dir holds an earlier run: remove its checkpoints and final model first (without "
+        "this or --resume such a folder is refused)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..train.trainer import run_recipe
 
-    finals = run_recipe(args.config, args.overrides, resume=args.resume)
+    finals = run_recipe(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite)
     print(f"trained {len(finals)} phase(s); final model: {finals[-1]}")
     return 0

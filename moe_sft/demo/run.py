@@ -191,7 +191,7 @@ def _prepare_out(out: Path) -> None:
 def pretrain(out: Path, s: DemoSettings, tokenizer, evalset) -> tuple[Path, float, dict]:
     """Random init -> checkpoint -> `train()` under a wall-time budget -> stock checkpoint
     `<out>/pretrained`. Returns that folder, the median step time (s) and a summary."""
-    from ..checkpoint import from_pretrained
+    from ..pretrained import from_pretrained
     from ..patching import get_handle
     from ..train import load_train_config, train
     from ..train.callbacks import StepTimer, TimeBudget
@@ -262,7 +262,7 @@ def _method_yamls(method: str, base: str, data: str, out: Path, s: DemoSettings,
 
 
 def finetune_all(base: Path, out: Path, s: DemoSettings, steps: int, tokenizer, evalset, entropy_texts) -> dict:
-    from ..checkpoint import from_pretrained
+    from ..pretrained import from_pretrained
     from ..train import run_recipe
     from ..train.callbacks import StepTimer
 

@@ -342,7 +342,7 @@ def run_eval(
     import torch
     from transformers import AutoTokenizer
 
-    from ..checkpoint import from_pretrained
+    from ..pretrained import from_pretrained
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype, None)
     if not isinstance(torch_dtype, (str, torch.dtype)):
@@ -358,7 +358,7 @@ def run_eval(
         model_id = str(Path(path).resolve()) if Path(path).exists() else path
         model = from_pretrained(path, dtype=torch_dtype, **placement)
         if adapter is not None:
-            from ..moe_bias_head import load_moe_bias_adapter
+            from ..methods.moe_bias_head import load_moe_bias_adapter
 
             load_moe_bias_adapter(model, adapter)
         tokenizer = AutoTokenizer.from_pretrained(path)

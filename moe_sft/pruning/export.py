@@ -31,7 +31,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..config import ConfigError
 from ..io import atomic_directory
-from ..methods import enabled_methods
+from ..plugins import enabled_methods
 from ..patching import get_handle
 from .mask import check_selection, disabled_experts, merge, write_metadata
 from .strategies import Selection

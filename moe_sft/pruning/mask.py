@@ -19,7 +19,7 @@ from pathlib import Path
 from ..adapters import get_adapter
 from ..config import ConfigError, RoutingConfig
 from ..io import atomic_directory, atomic_write_text
-from ..patching import apply_routing_config, get_handle, patch_model
+from ..patching import apply_routing_config, check_routing_budget, get_handle, patch_model
 from .strategies import Selection
 
 PRUNING_JSON = "pruning.json"
@@ -64,6 +64,8 @@ def apply_mask(model, selection: Selection):
     routing = dataclasses.replace(handle.config.routing or RoutingConfig(), disabled_experts=merged)
     handle.config = dataclasses.replace(handle.config, routing=routing)
     apply_routing_config(handle)  # sets each layer's `disabled` buffer from the config
+    check_routing_budget(handle)  # with the model's other methods (e.g. condensers) as well
+    handle.refresh_extra_keys()  # the `disabled` buffers are saved with the patch
     return handle
 
 
@@ -89,12 +91,13 @@ def masked(model, selection: Selection):
                     m.controls.disabled = None  # ... and leave the extension point unset
                 else:
                     m.controls.set_tensor("disabled", old[m.layer_idx])
+            handle.refresh_extra_keys()
 
 
 def save_masked(model, selection: Selection, out_dir: str | os.PathLike, *, tokenizer=None, metadata: dict | None = None,
                 overwrite: bool = False) -> Path:  # fmt: skip
     """Mask `selection` in `model` and save it as a patched checkpoint (plus pruning.json)."""
-    from ..checkpoint import save_pretrained
+    from ..pretrained import save_pretrained
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         apply_mask(model, selection)

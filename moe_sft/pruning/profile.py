@@ -27,6 +27,7 @@ import torch
 
 from ..config import ConfigError
 from ..io import atomic_directory, atomic_write_text
+from ..routing import ExpertUsage
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +130,26 @@ def read_texts(path: str, tokenizer, *, limit: int | None = None) -> list[str]:
 
 # ---- the pass -------------------------------------------------------------------------------
 class _Recorder:
-    """Output hook accumulating the statistics of one layer, for the tokens in `keep`."""
+    """Routing observer of one layer: its usage (the shared `ExpertUsage` reduction) and the
+    max |expert output|, for the tokens in `keep`."""
 
     def __init__(self, num_experts: int, device: torch.device):
         self.keep: torch.Tensor | None = None  # (T,) bool: non-padding tokens of the current batch
-        self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        self.gate_mass = torch.zeros(num_experts, dtype=torch.float32, device=device)
-        self.score_mass = torch.zeros(num_experts, dtype=torch.float32, device=device)
+        self.usage = ExpertUsage(num_experts, device)
         self.max_abs_output = torch.zeros(num_experts, dtype=torch.float32, device=device)
 
     @torch.no_grad()
-    def __call__(self, block, x, routing, y):
+    def __call__(self, routing, x, block) -> None:
         keep = self.keep.to(x.device)
-        idx = routing.index[keep]  # (T', K) routed then forced ids
-        flat = idx.reshape(-1)
-        self.counts.index_add_(0, flat, torch.ones_like(flat))
-        self.gate_mass.index_add_(0, flat, routing.weights[keep].reshape(-1).float())
-        self.score_mass += routing.scores[keep].sum(0)
+        self.usage.add(routing, keep)
+        flat = routing.index[keep].reshape(-1)  # (T'K,) routed then forced ids
         # E_e(x) for every (token, slot) pair in one pass of the block's own experts module:
         # each pair becomes a row with a single slot of gate weight 1. (T'K, H)
-        K = idx.shape[1]
+        K = routing.index.shape[1]
         ones = torch.ones(flat.numel(), 1, dtype=routing.weights.dtype, device=x.device)
         outputs = block.experts(x[keep].repeat_interleave(K, dim=0), flat.unsqueeze(1), ones)
+        self.max_abs_output = self.max_abs_output.to(x.device)
         self.max_abs_output.scatter_reduce_(0, flat, outputs.abs().amax(dim=-1).float(), reduce="amax")
-        return y
 
 
 @torch.no_grad()
@@ -173,10 +170,8 @@ def profile_model(
         handle = patch_model(model)  # every method off: the stock forward
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding never reaches the statistics
-    recorders = {}
-    for m in handle.layers:
-        recorders[m.layer_idx] = _Recorder(m.controls.spec.num_experts, m.block.gate.weight.device)
-        m.controls.output_hooks.append(recorders[m.layer_idx])
+    recorders = {m.layer_idx: _Recorder(m.controls.spec.num_experts, m.block.gate.weight.device) for m in handle.layers}
+    remove = handle.observe(lambda i, routing, x, block: recorders[i](routing, x, block), training_only=False)
     device = model.get_input_embeddings().weight.device
     extra = {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
     was_training = model.training
@@ -193,18 +188,17 @@ def profile_model(
             model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), use_cache=False, **extra)
             tokens += int(keep.sum())
     finally:
-        for m in handle.layers:
-            m.controls.output_hooks.remove(recorders[m.layer_idx])
+        remove()
         if own_patch:
             handle.revert()
         model.train(was_training)
     spec = handle.layers[0].controls.spec
-    stack = lambda name: torch.stack([getattr(r, name).cpu() for r in recorders.values()])  # noqa: E731
+    stack = lambda name: torch.stack([getattr(r.usage, name).cpu() for r in recorders.values()])  # noqa: E731
     return ExpertProfile(
         model=model_id, model_type=model.config.model_type, num_hidden_layers=model.config.num_hidden_layers,
         num_experts=spec.num_experts, top_k=spec.top_k, layers=list(recorders),
         counts=stack("counts"), gate_mass=stack("gate_mass"), score_mass=stack("score_mass"),
-        max_abs_output=stack("max_abs_output"), tokens=tokens, texts=len(texts), data=data,
+        max_abs_output=torch.stack([r.max_abs_output.cpu() for r in recorders.values()]), tokens=tokens, texts=len(texts), data=data,
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, MoESFTConfig, _coerce, apply_overrides, from_dict, load_yaml
+from ..config import ConfigError, _coerce, apply_overrides, config_class, from_dict, load_yaml
 
 
 @dataclasses.dataclass
@@ -48,6 +48,14 @@ class ModelConfig:
                 f"model: give exactly one of `path` (a checkpoint) or `tiny` (a model_type), got path={self.path!r}, "
                 f"tiny={self.tiny!r}"
             )
+        if self.tiny is not None:
+            from ..testing import TINY_CONFIGS
+
+            if self.tiny not in TINY_CONFIGS:
+                raise ConfigError(
+                    f"model.tiny: {self.tiny!r} is not a tiny model_type; choose one of {', '.join(sorted(TINY_CONFIGS))} "
+                    "(or set model.path to a checkpoint)"
+                )
 
 
 @dataclasses.dataclass
@@ -97,7 +105,7 @@ class TrainConfig:
     model: ModelConfig
     data: DataConfig
     training: dict[str, Any]
-    methods: MoESFTConfig = dataclasses.field(default_factory=MoESFTConfig)
+    methods: Any = dataclasses.field(default_factory=lambda: config_class()())  # a MoESFTConfig
     deepspeed: str | None = None
     then: str | None = None
     source: Path | None = None  # the YAML this was read from (relative paths resolve against it)
@@ -123,8 +131,8 @@ _RESERVED_TRAINING = {
 
 
 def method_keys() -> list[str]:
-    """The MoESFTConfig fields, i.e. the method blocks allowed at the top level."""
-    return [f.name for f in dataclasses.fields(MoESFTConfig)]
+    """The MoESFTConfig fields (core fields and method blocks), allowed at the top level."""
+    return [f.name for f in dataclasses.fields(config_class())]
 
 
 def _training_field_types() -> dict[str, Any]:
@@ -175,7 +183,7 @@ def parse_train_config(data: dict, source: Path | None = None) -> TrainConfig:
         model=_coerce(data["model"], ModelConfig, "model"),
         data=_coerce(data["data"], DataConfig, "data"),
         training=validate_training(data["training"]),
-        methods=from_dict(MoESFTConfig, {k: data[k] for k in methods if k in data}),
+        methods=from_dict(config_class(), {k: data[k] for k in methods if k in data}),
         deepspeed=data.get("deepspeed"),
         then=data.get("then"),
         source=source,

@@ -31,9 +31,9 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .io import atomic_write_text
-from .methods import Method, register_method
+from ..config import ConfigError
+from ..io import atomic_write_text
+from ..plugins import Method, PrepareContext, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class ESFTConfig:
 
 # ---- 1. profiling -----------------------------------------------------------------------------
 class _ScoreRecorder:
-    """Output hook accumulating per-sample mean gate weight / token share per expert."""
+    """Routing observer of one layer accumulating per-sample mean gate weight / token share
+    per expert (ESFT's own reduction of the routing record)."""
 
     def __init__(self, num_experts: int):
         self.gate = torch.zeros(num_experts, dtype=torch.float64)
@@ -76,7 +77,7 @@ class _ScoreRecorder:
         self.samples = 0
         self.mask: torch.Tensor | None = None  # (B, S) attention mask of the current batch
 
-    def __call__(self, block, x, routing, y):
+    def __call__(self, routing) -> None:
         k = routing.num_routed
         idx = routing.index[:, :k].cpu()  # (T, k), routed picks only
         w = routing.weights[:, :k].detach().double().cpu()  # (T, k)
@@ -90,7 +91,6 @@ class _ScoreRecorder:
         self.gate += ((gate.view(B, S, E) * m).sum(1) / n).sum(0)
         self.token += ((token.view(B, S, E) * m).sum(1) / n).sum(0)
         self.samples += int((mask.sum(1) > 0).sum())
-        return y
 
 
 @torch.no_grad()
@@ -103,29 +103,26 @@ def esft_profile(model: nn.Module, batches: Iterable[dict], *, progress: bool = 
     """
     from tqdm.auto import tqdm
 
-    from .patching import get_handle, patch_model
+    from ..patching import get_handle, patch_model
 
     handle = get_handle(model)
     own = handle is None
     if own:
         handle = patch_model(model)
     recorders = {m.layer_idx: _ScoreRecorder(m.controls.spec.num_experts) for m in handle.layers}
-    for m in handle.layers:
-        m.controls.output_hooks.append(recorders[m.layer_idx])
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(batches, desc="ESFT profiling", disable=not progress):
-            ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask
-            for r in recorders.values():
-                r.mask = mask
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        with handle.observing(lambda i, routing, x, block: recorders[i](routing)):
+            for batch in tqdm(batches, desc="ESFT profiling", disable=not progress):
+                ids = batch["input_ids"]
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask
+                for r in recorders.values():
+                    r.mask = mask
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
-        for m in handle.layers:
-            m.controls.output_hooks.remove(recorders[m.layer_idx])
         model.train(was_training)
         if own:
             handle.revert()
@@ -248,12 +245,7 @@ def _grad_mask_hook(mask: torch.Tensor):
     return hook
 
 
-def apply_esft(handle, cfg: ESFTConfig) -> None:
-    if cfg.selection_file is None:
-        raise ConfigError(
-            "esft.selection_file is required to train with ESFT: profile first with "
-            "moe_sft.esft.profile_and_select(model, batches, cfg, 'selection.json') and set esft.selection_file"
-        )
+def _install(handle, cfg: ESFTConfig) -> ESFTState:
     selection = load_selection(cfg.selection_file, handle)
     model = handle.model
     before = {p: p.requires_grad for p in model.parameters()}
@@ -279,14 +271,12 @@ def apply_esft(handle, cfg: ESFTConfig) -> None:
     state.trainable += sum(
         p.numel() for p in model.parameters() if p.requires_grad and not any(p is s[0] for s in state.slices)
     )
-    handle.esft = state
 
     def undo():
         for h in hooks:
             h.remove()
         for p, flag in before.items():
             p.requires_grad_(flag)
-        del handle.esft
 
     handle.add_undo(undo)
     total = sum(p.numel() for p in model.parameters())
@@ -299,41 +289,83 @@ def apply_esft(handle, cfg: ESFTConfig) -> None:
         total,
         100.0 * state.trainable / total,
     )
+    return state
+
+
+def _state(model: nn.Module) -> ESFTState:
+    from ..patching import find_handle
+
+    handle = find_handle(model)
+    if handle is None or handle.config.esft is None:
+        raise ValueError("this model is not patched with an esft config block")
+    return handle.state["esft"]
 
 
 def trainable_parameters(model: nn.Module) -> int:
     """Parameters ESFT trains in `model` (selected expert slices + whatever the flags unfreeze)."""
-    from .patching import get_handle
-
-    handle = get_handle(model)
-    if handle is None or not hasattr(handle, "esft"):
-        raise ValueError("this model is not patched with an esft config block")
-    return handle.esft.trainable
+    return _state(model).trainable
 
 
 def restore_frozen(model: nn.Module) -> None:
     """Put the unselected expert slices back to their values at patch time. Call it after every
-    optimizer step when not using the Trainer callback (it undoes weight decay on them)."""
-    from .patching import get_handle
-
-    handle = get_handle(model)
-    if handle is None or not hasattr(handle, "esft"):
-        raise ValueError("this model is not patched with an esft config block")
-    handle.esft.restore()
+    optimizer step when not using MoESFTCallback / moe_sft.step (it undoes weight decay on them)."""
+    _state(model).restore()
 
 
-def esft_callbacks(handle, cfg: ESFTConfig) -> list:
-    from transformers import TrainerCallback
-
-    state = handle.esft
-
-    class ESFTFrozenSlicesCallback(TrainerCallback):
-        """Restores the unselected expert slices after each optimizer step."""
-
-        def on_optimizer_step(self, args, control_state, control, **kwargs):
-            state.restore()
-
-    return [ESFTFrozenSlicesCallback()]
+SELECTION_NAME = "esft_selection.json"
 
 
-register_method(Method(name="esft", apply=apply_esft, callbacks=esft_callbacks))
+class ESFT(Method):
+    name = "esft"
+    config_class = ESFTConfig
+    exports = ("ESFTConfig",)
+
+    def check(self, config, launch) -> None:
+        cfg = config.esft
+        if cfg.selection_file is not None and not os.path.isfile(cfg.selection_file):
+            raise ConfigError(
+                f"esft.selection_file {cfg.selection_file!r} does not exist; fix the path, or leave selection_file out "
+                "to profile the training data and write the selection into the output folder"
+            )
+        if launch is not None and launch.deepspeed and launch.weight_decay > 0:
+            # Unselected slices stay bit-identical by masked gradients plus a restore after each step;
+            # DeepSpeed's optimizer decays its own fp32 master copy, out of the restore's reach.
+            raise ConfigError(
+                f"esft with DeepSpeed ZeRO-{launch.zero_stage} and weight_decay={launch.weight_decay}: weight decay would "
+                "change the frozen expert slices inside DeepSpeed's fp32 master weights; set weight_decay: 0 (as the "
+                "shipped ESFT recipes do) or train without DeepSpeed"
+            )
+
+    def prepare(self, block: ESFTConfig, model, ctx: PrepareContext) -> ESFTConfig:
+        """ESFT needs its expert selection before patching: profile the base model on a sample
+        of the training data and write the selection into the output folder (unless given, or
+        written by the run being resumed)."""
+        if block.selection_file is not None:
+            return block
+        path = os.path.join(str(ctx.output_dir), SELECTION_NAME)
+        if not (ctx.resuming and os.path.isfile(path)):
+            profile_and_select(model, ctx.batches(), block, path)
+        return dataclasses.replace(block, selection_file=path)
+
+    def apply(self, handle, block: ESFTConfig) -> ESFTState:
+        if block.selection_file is None:
+            raise ConfigError(
+                "esft.selection_file is required to train with ESFT: profile first with "
+                "moe_sft.methods.esft.profile_and_select(model, batches, cfg, 'selection.json') and set esft.selection_file"
+            )
+        return _install(handle, block)
+
+    def on_train_begin(self, handle, state: ESFTState) -> None:
+        # Every rank must train the same experts (each profiled its own copy of the sample).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            mine = open(handle.config.esft.selection_file).read()
+            texts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(texts, mine)
+            if any(t != texts[0] for t in texts):
+                raise RuntimeError("the ESFT expert selection differs between ranks; compute it once and pass esft.selection_file")
+
+    def on_step(self, handle, state: ESFTState) -> None:
+        state.restore()
+
+
+register_method(ESFT())

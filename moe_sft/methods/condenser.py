@@ -34,13 +34,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
-
-from .config import ConfigError
-from .io import atomic_write_text
-from .methods import Method, register_method
-from .patching import MoELayer, PatchHandle, get_handle
-from .routing import MoEControls, Routing, should_record_usage
+from ..adapters import adapter_for
+from ..config import ConfigError
+from ..io import atomic_write_text
+from ..patching import MoELayer, PatchHandle, extend_patch, find_handle
+from ..plugins import Method, register_method
+from ..pretrained import from_pretrained
+from ..routing import ExpertUsage, Routing
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +147,6 @@ class CondensersConfig:
         if not 0 < self.coverage < 1:
             raise ConfigError(f"condenser.condensers.coverage = {self.coverage}: must be in (0, 1), e.g. 0.9")
 
-    @property
-    def resolved_budget(self) -> str:
-        return self.budget or ("compute_neutral" if self.source == "longtail" else "additive")
-
-    @property
-    def resolved_gate(self) -> str:
-        return self.gate or ("router_prob" if self.source == "longtail" else "learned")
-
 
 @dataclasses.dataclass
 class CondenserConfig:
@@ -179,93 +171,51 @@ def phase2_config(phase1: CondenserConfig | None = None, condensers: CondensersC
 # ---------------------------------------------------------------------------------------
 # Per-layer state
 # ---------------------------------------------------------------------------------------
-def _placement(cfg: RouterBiasConfig, ctl: MoEControls) -> str:
-    return cfg.placement or ("logits" if ctl.spec.score_func == "softmax" else "selection")
-
-
 def _bias_name(placement: str) -> str:
     return "logit_bias" if placement == "logits" else "selection_bias"
 
 
-def _gamma(cfg: RouterBiasConfig, model_type: str) -> float:
-    if cfg.gamma is not None:
-        return cfg.gamma
-    if model_type not in GAMMA_DEFAULTS:
-        raise ConfigError(f"no default condenser.bias.gamma for model_type {model_type!r}; set condenser.bias.gamma")
-    return GAMMA_DEFAULTS[model_type]
+@dataclasses.dataclass
+class CondenserState:
+    """`handle.state["condenser"]`: each layer's usage since the last bias update (routed picks
+    only: condensers are not routed picks). Not saved: a step never spans a checkpoint."""
 
-
-class StepUsage:
-    """Usage of one layer since the last bias update (not saved: a step never spans a save).
-
-    counts (E,) int64  routed picks per expert;  soft (E,) fp32  summed scores;  tokens (1,) int64
-    """
-
-    def __init__(self, num_experts: int, placement: str, device: torch.device):
-        self.placement = placement
-        self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        self.soft = torch.zeros(num_experts, dtype=torch.float32, device=device)
-        self.tokens = torch.zeros(1, dtype=torch.int64, device=device)
-
-    @torch.no_grad()
-    def add(self, routing: Routing) -> None:
-        routed = routing.index[:, : routing.num_routed]  # (T, k'): condensers are not routed picks
-        flat = routed.reshape(-1)
-        self.counts.index_add_(0, flat, torch.ones_like(flat))
-        if self.placement == "logits":
-            self.soft += routing.scores.sum(0)  # p = f(z + b) (T, E): the biased probabilities
-        else:  # the bias moves only the selection: the gate mass each expert receives
-            self.soft.index_add_(0, flat, routing.scores.gather(1, routed).reshape(-1))
-        self.tokens += routed.shape[0]
-
-    def reset(self) -> None:
-        self.counts.zero_()
-        self.soft.zero_()
-        self.tokens.zero_()
-
-
-def _record_usage_hook(block: nn.Module, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> torch.Tensor:
-    """Output hook: add this forward's routing to the step usage (real training forwards only)."""
-    if should_record_usage(block):
-        block.moe_sft.condenser_step.add(routing)
-    return y
+    step_usage: dict[int, ExpertUsage] = dataclasses.field(default_factory=dict)
 
 
 def _bias_layers(handle: PatchHandle) -> list[MoELayer]:
-    return [m for m in handle.layers if getattr(m.controls, "condenser_step", None) is not None]
+    cfg = handle.config.condenser
+    return list(handle.layers) if cfg is not None and cfg.bias.enabled else []
 
 
 def router_bias(handle: PatchHandle) -> dict[int, torch.Tensor]:
     """The router bias b (E,) of every MoE layer, by layer index."""
-    cfg = handle.config.condenser
-    return {m.layer_idx: getattr(m.controls, _bias_name(_placement(cfg.bias, m.controls))) for m in _bias_layers(handle)}
+    name = _bias_name(handle.config.condenser.bias.placement) if _bias_layers(handle) else None
+    return {m.layer_idx: getattr(m.controls, name) for m in _bias_layers(handle)}
 
 
-def _install_bias(handle: PatchHandle, cfg: RouterBiasConfig) -> None:
+def _install_bias(handle: PatchHandle, cfg: RouterBiasConfig, state: CondenserState) -> None:
+    name = _bias_name(cfg.placement)
     for m in handle.layers:
         ctl = m.controls
         E, device = ctl.spec.num_experts, m.block.gate.weight.device
-        placement = _placement(cfg, ctl)
-        ctl.set_tensor(_bias_name(placement), torch.zeros(E, dtype=torch.float32, device=device))
+        ctl.claim(name, "condenser.bias")
+        ctl.set_tensor(name, torch.zeros(E, dtype=torch.float32, device=device))
         # All routed picks since patching, summed over ranks: phase 1's usage profile.
         ctl.set_tensor("usage_total", torch.zeros(E, dtype=torch.int64, device=device))
-        ctl.condenser_step = StepUsage(E, placement, device)
-        ctl.output_hooks.append(_record_usage_hook)
+        state.step_usage[m.layer_idx] = ExpertUsage(E, device, routed_only=True)
+    handle.observe(lambda i, routing, x, block: state.step_usage[i].add(routing), training_only=True)
     logger.info(
         "moe_sft condenser: router bias on (placement %s, %s, usage %s, gamma %g%s)",
-        _placement(cfg, handle.layers[0].controls),
-        cfg.direction,
-        cfg.usage,
-        _gamma(cfg, handle.model.config.model_type),
-        f", clip {cfg.clip}" if cfg.clip is not None else "",
-    )
+        cfg.placement, cfg.direction, cfg.usage, cfg.gamma, f", clip {cfg.clip}" if cfg.clip is not None else "",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
 # The bias update (once per optimizer step)
 # ---------------------------------------------------------------------------------------
 def _handle_of(model_or_handle) -> PatchHandle:
-    handle = model_or_handle if isinstance(model_or_handle, PatchHandle) else get_handle(model_or_handle)
+    handle = model_or_handle if isinstance(model_or_handle, PatchHandle) else find_handle(model_or_handle)
     if handle is None or handle.config.condenser is None:
         raise ConfigError("this model is not patched with a condenser config (moe_sft.patch_model(model, MoESFTConfig(condenser=...)))")
     return handle
@@ -273,34 +223,37 @@ def _handle_of(model_or_handle) -> PatchHandle:
 
 def reset_step_usage(model_or_handle) -> None:
     """Forget the usage recorded since the last update (e.g. forwards made before training)."""
-    for m in _bias_layers(_handle_of(model_or_handle)):
-        m.controls.condenser_step.reset()
+    for usage in _handle_of(model_or_handle).state["condenser"].step_usage.values():
+        usage.reset()
 
 
 @torch.no_grad()
 def update_router_bias(model_or_handle) -> bool:
     """Apply one bias update from the usage recorded since the last one, then reset it.
 
-    Call exactly once per optimizer step, after `optimizer.step()` (the Trainer callback does).
-    The usage of every layer is all-reduced (SUM) over the default process group when
-    torch.distributed is initialised, so every rank computes the same update. Returns False
-    (and changes nothing) when no training forward was recorded on any rank.
+    Call exactly once per optimizer step, after `optimizer.step()` (`moe_sft.step(model)` and
+    MoESFTCallback do). The usage of every layer is all-reduced (SUM) over the default process
+    group when torch.distributed is initialised, so every rank computes the same update.
+    Returns False (and changes nothing) when no training forward was recorded on any rank.
     """
     handle = _handle_of(model_or_handle)
     cfg = handle.config.condenser.bias
     layers = _bias_layers(handle)
-    if not cfg.enabled or not layers:
+    if not layers:
         return False
-    steps = [m.controls.condenser_step for m in layers]
+    steps = [handle.state["condenser"].step_usage[m.layer_idx] for m in layers]
     device = steps[0].counts.device
-    # (L, E + 1) int64: routed-pick counts and the token count; (L, E) fp32 soft usage.
-    counts = torch.stack([torch.cat([s.counts, s.tokens]).to(device) for s in steps])
-    soft = torch.stack([s.soft.to(device) for s in steps])
+    soft_of = (lambda u: u.score_mass) if cfg.placement == "logits" else (lambda u: u.picked_score_mass)
+    # (L, E + 1) int64: routed-pick counts and the token count; (L, E) fp32 soft usage:
+    # p = f(z + b) summed over tokens (placement logits), or the score mass each expert
+    # received as a routed pick (placement selection: the bias moves only the selection).
+    counts = torch.stack([torch.cat([u.counts, u.tokens.view(1)]).to(device) for u in steps])
+    soft = torch.stack([soft_of(u).to(device) for u in steps])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         dist.all_reduce(soft, op=dist.ReduceOp.SUM)
-    for s in steps:
-        s.reset()
+    for u in steps:
+        u.reset()
     counts, tokens = counts[:, :-1], counts[:, -1]
     if int(tokens.sum()) == 0:
         return False
@@ -309,38 +262,19 @@ def update_router_bias(model_or_handle) -> bool:
     step = torch.sign(u - u.mean(dim=1, keepdim=True))  # +1 above the layer mean, -1 below
     if cfg.direction == "balance":
         step = -step
-    gamma = _gamma(cfg, handle.model.config.model_type)
+    name = _bias_name(cfg.placement)
     for i, m in enumerate(layers):
         ctl = m.controls
-        name = _bias_name(_placement(cfg, ctl))
         bias = getattr(ctl, name)
         if bias.dtype != torch.float32:
             # model.to(bf16) casts float buffers; gamma-sized steps vanish in bf16.
             logger.warning("moe_sft condenser: layer %d router bias was cast to %s; keeping it in float32", m.layer_idx, bias.dtype)
             bias = ctl.set_tensor(name, bias.float())
-        bias += gamma * step[i].to(bias.device, torch.float32)
+        bias += cfg.gamma * step[i].to(bias.device, torch.float32)
         if cfg.clip is not None:
             bias.clamp_(-cfg.clip, cfg.clip)
         ctl.usage_total += counts[i].to(ctl.usage_total.device)
     return True
-
-
-class CondenserCallback(TrainerCallback):
-    """transformers Trainer callback: one router-bias update per optimizer step.
-
-    The Trainer calls `on_step_end` once per optimizer step, after the last micro-batch of
-    the gradient-accumulation window and `optimizer.step()`, and before checkpoint saving,
-    so a saved checkpoint holds the bias of its step.
-    """
-
-    def __init__(self, handle: PatchHandle):
-        self.handle = handle
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        reset_step_usage(self.handle)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        update_router_bias(self.handle)
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,7 +376,7 @@ def _choose_experts(handle: PatchHandle, cc: CondensersConfig, usage: dict[int, 
     if cc.experts is not None:
         return {int(k): list(v) for k, v in cc.experts.items()}
     hint = (
-        "start phase 2 from a phase-1 model with moe_sft.condenser.start_phase2(model) / load_phase2(dir), "
+        "start phase 2 from a phase-1 model with moe_sft.start_phase2(model) / moe_sft.load_phase2(dir), "
         "or set condenser.condensers.longtail_from: profile with a profile file, or list condenser.condensers.experts"
     )
     out = {}
@@ -464,29 +398,20 @@ def _choose_experts(handle: PatchHandle, cc: CondensersConfig, usage: dict[int, 
     return out
 
 
-def _check_experts(handle: PatchHandle, cc: CondensersConfig, experts: dict[int, list[int]], k_routed: int) -> None:
+def _check_experts(handle: PatchHandle, cc: CondensersConfig, experts: dict[int, list[int]]) -> None:
+    """The chosen experts name every MoE layer, exist and are distinct (whether the routing
+    can still be served is checked once for every method, by patch_model)."""
     by_idx = {m.layer_idx: m for m in handle.layers}
     if set(experts) != set(by_idx):
         raise ConfigError(f"condenser.condensers.experts names layers {sorted(experts)}; the sparse MoE layers are {sorted(by_idx)}")
     for layer, ids in experts.items():
-        spec, ctl = by_idx[layer].controls.spec, by_idx[layer].controls
-        E = spec.num_experts
+        E = by_idx[layer].controls.spec.num_experts
         if len(set(ids)) != len(ids) or any(not 0 <= e < E for e in ids):
             raise ConfigError(f"condenser.condensers.experts[{layer}] = {ids}: expert ids must be distinct and in 0..{E - 1}")
         if cc.source == "longtail" and len(ids) != cc.num:
             raise ConfigError(f"condenser.condensers.experts[{layer}] = {ids} lists {len(ids)} experts, but num = {cc.num}")
         if cc.source == "new" and len(ids) < 1:
             raise ConfigError(f"condenser.condensers.experts[{layer}] is empty: source new needs long-tail experts to start from")
-        if ctl.disabled is not None and bool(ctl.disabled[ids].any()):
-            raise ConfigError(f"condenser.condensers.experts[{layer}] = {ids} includes an expert of routing.disabled_experts")
-        if cc.source == "longtail" and not cc.allow_overlap:
-            # Worst case: every condenser sits in the groups a token keeps.
-            reachable = spec.topk_group * (E // spec.n_group) if spec.group_score != "none" else E
-            if reachable - cc.num < k_routed:
-                raise ConfigError(
-                    f"layer {layer}: {k_routed} routed picks cannot avoid {cc.num} condensers among the "
-                    f"{reachable} experts a token can reach; lower condenser.condensers.num"
-                )
 
 
 def _new_condenser_weights(block: nn.Module, ids: list[int], usage: torch.Tensor | None, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -514,28 +439,28 @@ def _install_condensers(handle: PatchHandle, cc: CondensersConfig) -> Condensers
     model_type = handle.model.config.model_type
     spec = handle.layers[0].controls.spec
     r, k = cc.num, spec.top_k
-    budget = cc.resolved_budget
-    if budget == "compute_neutral" and r >= k:
+    if cc.budget == "compute_neutral" and r >= k:
         raise ConfigError(
             f"condenser.condensers.num = {r} with budget: compute_neutral needs r < k, but this {model_type} "
             f"model routes top_k = {k} experts per token (k - r routed + r condensers = k); use num <= {k - 1} "
             "or budget: additive"
         )
-    k_routed = k - r if budget == "compute_neutral" else k
+    k_routed = k - r if cc.budget == "compute_neutral" else k
     usage = _layer_usage(handle, cc)
     experts = _choose_experts(handle, cc, usage)
-    _check_experts(handle, cc, experts, k_routed)
-    gate = cc.resolved_gate
+    _check_experts(handle, cc, experts)
     init_std = float(getattr(handle.model.config, "initializer_range", 0.02))
     for m in handle.layers:
         ctl, block = m.controls, m.block
         ids = experts[m.layer_idx]
+        ctl.claim("num_routed", "condenser.condensers")
         ctl.num_routed = k_routed
         weight = block.gate.weight
         if cc.source == "longtail":
+            ctl.claim("forced", "condenser.condensers")
             ctl.set_tensor("forced", torch.tensor(ids, dtype=torch.long, device=weight.device))
             ctl.allow_overlap = cc.allow_overlap
-            if gate == "learned":
+            if cc.gate == "learned":
                 ctl.forced_weights = LearnedGate(weight.shape[1], r, weight.dtype, weight.device)
         else:
             gate_up, down = _new_condenser_weights(block, ids, None if usage is None else usage[m.layer_idx], r)
@@ -543,50 +468,86 @@ def _install_condensers(handle: PatchHandle, cc: CondensersConfig) -> Condensers
             ctl.output_hooks.append(_new_condensers_hook)
     logger.info(
         "moe_sft condenser: %d %s condenser(s) per layer (%s: %d routed + %d condensers, gate %s); experts %s",
-        r, cc.source, budget, k_routed, r, gate, experts,
-    )
+        r, cc.source, cc.budget, k_routed, r, cc.gate, experts,
+    )  # fmt: skip
     return dataclasses.replace(cc, experts=experts)
 
 
 # ---------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------
-def _switch_off_aux_loss(handle: PatchHandle) -> None:
-    """Auxiliary-loss free: zero the CausalLM's `router_aux_loss_coef` (the factor its forward
-    multiplies the load-balancing loss by). `outputs.aux_loss` is still reported when
-    `output_router_logits` is on, and config.json is left as it was."""
-    model = handle.model
-    coef = getattr(model, "router_aux_loss_coef", None)
-    if not handle.adapter.has_aux_loss or coef is None:
-        logger.info("moe_sft condenser: %s adds no aux loss; nothing to switch off", type(model).__name__)
-        return
-    model.router_aux_loss_coef = 0.0
+class Condenser(Method):
+    name = "condenser"
+    config_class = CondenserConfig
+    exports = ("CondenserConfig", "start_phase2", "load_phase2", "update_router_bias")
+    aux_loss_free = True  # the family's load-balancing loss stays off (patch_model sets its coef to 0)
 
-    def undo():
-        model.router_aux_loss_coef = coef
+    def resolve(self, block: CondenserConfig | None, model_config) -> CondenserConfig | None:
+        """Placement by the family's score function, gamma by model_type, budget and gate by
+        the condensers' source: every default written into the config that runs and is saved."""
+        if block is None:
+            return None
+        bias = block.bias
+        if bias.placement is None:
+            score = adapter_for(model_config.model_type).router_spec(model_config).score_func
+            bias = dataclasses.replace(bias, placement="logits" if score == "softmax" else "selection")
+        if bias.gamma is None:
+            if model_config.model_type not in GAMMA_DEFAULTS:
+                raise ConfigError(f"no default condenser.bias.gamma for model_type {model_config.model_type!r}; set condenser.bias.gamma")
+            bias = dataclasses.replace(bias, gamma=GAMMA_DEFAULTS[model_config.model_type])
+        cc = block.condensers
+        if cc is not None:
+            cc = dataclasses.replace(
+                cc,
+                budget=cc.budget or ("compute_neutral" if cc.source == "longtail" else "additive"),
+                gate=cc.gate or ("router_prob" if cc.source == "longtail" else "learned"),
+            )
+        return dataclasses.replace(block, bias=bias, condensers=cc)
 
-    handle.add_undo(undo)
-    logger.info(
-        "moe_sft condenser: auxiliary-loss free: %s.router_aux_loss_coef %g -> 0 (restored on revert)",
-        type(model).__name__, coef,
-    )
+    def apply(self, handle: PatchHandle, block: CondenserConfig) -> CondenserState:
+        # The per-layer state lives on `block.moe_sft`, which revert() removes with the block swap.
+        state = CondenserState()
+        if block.bias.enabled:
+            _install_bias(handle, block.bias, state)
+        if block.condensers is not None:
+            chosen = _install_condensers(handle, block.condensers)
+            handle.config = dataclasses.replace(handle.config, condenser=dataclasses.replace(block, condensers=chosen))
+        return state
+
+    def extend(self, handle: PatchHandle, state: CondenserState, old: CondenserConfig, new: CondenserConfig) -> CondenserState:
+        """Phase 1 -> phase 2: the condensers join the trained phase-1 model in place, chosen
+        from its bias / recorded usage; the bias settings may change (gamma), not its placement."""
+        if old.condensers is not None or new.condensers is None:
+            return super().extend(handle, state, old, new)
+        if (new.bias.enabled, new.bias.placement) != (old.bias.enabled, old.bias.placement):
+            raise ConfigError(
+                f"condenser phase 2 must keep phase 1's bias enabled/placement (phase 1: {old.bias.enabled}/"
+                f"{old.bias.placement}, phase 2: {new.bias.enabled}/{new.bias.placement})"
+            )
+        handle.config = dataclasses.replace(handle.config, condenser=new)  # the bias update reads the new gamma
+        chosen = _install_condensers(handle, new.condensers)
+        handle.config = dataclasses.replace(handle.config, condenser=dataclasses.replace(new, condensers=chosen))
+        for usage in state.step_usage.values():
+            usage.reset()
+        logger.info("moe_sft condenser: phase 2 started (gamma %g)", new.bias.gamma if new.bias.enabled else 0)
+        return state
+
+    def on_train_begin(self, handle: PatchHandle, state: CondenserState) -> None:
+        for usage in state.step_usage.values():
+            usage.reset()  # forwards before training (profiling, evaluation) are not a step
+
+    def on_step(self, handle: PatchHandle, state: CondenserState) -> None:
+        update_router_bias(handle)
+
+    def metrics(self, handle: PatchHandle, state: CondenserState) -> dict[str, float]:
+        out = {}
+        for i, b in router_bias(handle).items():
+            out[f"expert_load/layer_{i}/bias_min"] = float(b.min())
+            out[f"expert_load/layer_{i}/bias_max"] = float(b.max())
+        return out
 
 
-def apply_condenser(handle: PatchHandle, cfg: CondenserConfig) -> None:
-    # The per-layer state lives on `block.moe_sft`, which revert() removes with the block swap.
-    _switch_off_aux_loss(handle)
-    if cfg.bias.enabled:
-        _install_bias(handle, cfg.bias)
-    if cfg.condensers is not None:
-        resolved = _install_condensers(handle, cfg.condensers)
-        handle.config = dataclasses.replace(handle.config, condenser=dataclasses.replace(cfg, condensers=resolved))
-
-
-def condenser_callbacks(handle: PatchHandle, cfg: CondenserConfig) -> list:
-    return [CondenserCallback(handle)] if cfg.bias.enabled else []
-
-
-register_method(Method(name="condenser", apply=apply_condenser, callbacks=condenser_callbacks))
+register_method(Condenser())
 
 
 # ---------------------------------------------------------------------------------------
@@ -597,8 +558,8 @@ def start_phase2(model: nn.Module, phase2: CondenserConfig | None = None) -> Pat
     `moe_sft.from_pretrained(phase1_dir)`) into the phase-2 model in place: condensers chosen
     from its bias / recorded usage, bias settings of `phase2` (default `phase2_config(phase1)`:
     gamma = 5e-5). Other methods' state is kept. Returns the handle (its config is the phase-2
-    config with the chosen experts, saved by `moe_sft.save_pretrained`)."""
-    handle = get_handle(model)
+    config with the chosen experts, saved by `save_pretrained`)."""
+    handle = find_handle(model)
     phase1 = handle.config.condenser if handle is not None else None
     if phase1 is None:
         raise ConfigError("start_phase2 needs a model patched with a phase-1 condenser block (condenser: {bias: ...})")
@@ -607,25 +568,11 @@ def start_phase2(model: nn.Module, phase2: CondenserConfig | None = None) -> Pat
     phase2 = phase2 if phase2 is not None else phase2_config(phase1)
     if phase2.condensers is None:
         raise ConfigError("start_phase2: the phase-2 config has no condensers block")
-    if phase2.bias.enabled != phase1.bias.enabled or any(
-        _placement(phase2.bias, m.controls) != _placement(phase1.bias, m.controls) for m in handle.layers
-    ):
-        raise ConfigError(
-            f"start_phase2: phase 2 must keep phase 1's bias enabled/placement "
-            f"(phase 1: {phase1.bias.enabled}/{phase1.bias.placement}, phase 2: {phase2.bias.enabled}/{phase2.bias.placement})"
-        )
-    resolved = _install_condensers(handle, phase2.condensers)
-    handle.config = dataclasses.replace(handle.config, condenser=dataclasses.replace(phase2, condensers=resolved))
-    if phase2.bias.enabled:
-        reset_step_usage(handle)
-    logger.info("moe_sft condenser: phase 2 started (gamma %g)", _gamma(phase2.bias, model.config.model_type) if phase2.bias.enabled else 0)
-    return handle
+    return extend_patch(handle, dataclasses.replace(handle.config, condenser=phase2))
 
 
 def load_phase2(phase1_dir: str | os.PathLike, phase2: CondenserConfig | None = None, **kwargs) -> nn.Module:
     """`moe_sft.from_pretrained(phase1_dir, **kwargs)` followed by `start_phase2`."""
-    from .checkpoint import from_pretrained
-
     model = from_pretrained(phase1_dir, **kwargs)
     start_phase2(model, phase2)
     return model
@@ -634,8 +581,8 @@ def load_phase2(phase1_dir: str | os.PathLike, phase2: CondenserConfig | None = 
 __all__ = [
     "GAMMA_DEFAULTS",
     "PHASE2_GAMMA",
-    "CondenserCallback",
     "CondenserConfig",
+    "CondenserState",
     "CondensersConfig",
     "LearnedGate",
     "NewCondensers",

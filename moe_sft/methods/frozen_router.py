@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .methods import Method, register_method
+from ..plugins import Method, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -26,18 +26,23 @@ def router_parameters(handle) -> list:
     return [(f"{m.name}.gate.{n}", p) for m in handle.layers for n, p in m.block.gate.named_parameters()]
 
 
-def apply_frozen_router(handle, cfg: FrozenRouterConfig) -> None:
-    params = router_parameters(handle)
-    before = [p.requires_grad for _, p in params]
-    for _, p in params:
-        p.requires_grad_(False)
+class FrozenRouter(Method):
+    name = "frozen_router"
+    config_class = FrozenRouterConfig
+    exports = ("FrozenRouterConfig",)
 
-    def undo():
-        for (_, p), flag in zip(params, before):
-            p.requires_grad_(flag)
+    def apply(self, handle, block: FrozenRouterConfig) -> None:
+        params = router_parameters(handle)
+        before = [p.requires_grad for _, p in params]
+        for _, p in params:
+            p.requires_grad_(False)
 
-    handle.add_undo(undo)
-    logger.info("moe_sft: frozen_router froze %d router tensors (%d parameters)", len(params), sum(p.numel() for _, p in params))
+        def undo():
+            for (_, p), flag in zip(params, before):
+                p.requires_grad_(flag)
+
+        handle.add_undo(undo)
+        logger.info("moe_sft: frozen_router froze %d router tensors (%d parameters)", len(params), sum(p.numel() for _, p in params))
 
 
-register_method(Method(name="frozen_router", apply=apply_frozen_router))
+register_method(FrozenRouter())

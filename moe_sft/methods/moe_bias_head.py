@@ -46,12 +46,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .adapters import PatchError
-from .config import ConfigError, MoESFTConfig
-from .io import atomic_directory
-from .methods import Method, register_method
-from .patching import PatchHandle, get_handle, patch_model
-from .routing import should_record_usage
+from ..adapters import PatchError
+from ..config import ConfigError, config_class
+from ..integrations import trl as trl_fused
+from ..io import atomic_directory
+from ..patching import PatchHandle, get_handle, patch_model
+from ..plugins import Method, register_method
+from ..routing import should_record_usage
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,8 @@ class MoEBiasHead(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None  # raw (unweighted) aux of the last forward
         self.last_applied: torch.Tensor | None = None  # (T,) bool: tokens that got the bias
         self._attention_mask: torch.Tensor | None = None  # set by the model pre-hook
+        self._fused: dict | None = None  # a TRL fused-LM-head request being answered
+        self._warned_grpo = False
 
     def _apply(self, fn, recurse=True):
         # Casts such as `model.bfloat16()` (DeepSpeed's bf16 mode) would round the threshold to
@@ -322,6 +325,42 @@ def _hidden_mask(head: MoEBiasHead, h: torch.Tensor) -> torch.Tensor | None:
     return mask.to(device=h.device, dtype=torch.bool)
 
 
+def _answer_fused(model: nn.Module, head: MoEBiasHead, request: dict, kwargs: dict, output) -> ModelOutput:
+    """The `FusedCausalLMOutput` TRL asked for, from this forward's biased logits.
+
+    TRL's SFT loss is -sum(log_probs) / N, ignoring `loss`; the head's load-balance term joins
+    it through the log-probs with value 0 (t - sg(t), spread over the labelled tokens), so the
+    values stay true log-probabilities and the gradient is the plain Trainer's. Under GRPO the
+    log-probs enter importance ratios, where such a term would be reweighted per token: there
+    the load-balance loss is not applied (logged once)."""
+    settings = trl_fused.fused_settings(model)
+    wants_aux = kwargs.get("output_router_logits", getattr(model.config, "output_router_logits", False))
+    out = trl_fused.fused_output(
+        output.logits,
+        request["labels"],
+        shift_labels=request["shift_labels"],
+        num_items_in_batch=request["num_items_in_batch"],
+        temperature=settings["temperature"],
+        outputs=settings["outputs"],
+        aux_loss=getattr(output, "aux_loss", None) if wants_aux else None,
+        aux_coef=float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
+    )
+    weight, aux = head.config.load_balance_weight, head.last_aux_loss
+    if aux is None or weight == 0 or not torch.is_grad_enabled():
+        return out
+    handle = get_handle(model)
+    if handle is not None and handle.launch is not None and handle.launch.trainer == "grpo":
+        if not head._warned_grpo:
+            head._warned_grpo = True
+            logger.warning("moe_sft: under GRPO the MoE-Bias head's load-balance loss is not applied (the policy loss is built from log-probs)")
+        return out
+    mask = out.label_mask
+    n = request["num_items_in_batch"] if request["num_items_in_batch"] is not None else mask.sum().clamp(min=1)
+    t = weight * aux.to(out.log_probs.device) * n / mask.sum().clamp(min=1)  # () per labelled token
+    out.log_probs = out.log_probs - (t - t.detach()) * mask
+    return out
+
+
 def _install(handle: PatchHandle, cfg: MoEBiasHeadConfig) -> MoEBiasHead:
     model = handle.model
     if get_moe_bias_layer(model) is not None or hasattr(model, "moe_bias_head"):
@@ -353,9 +392,18 @@ def _install(handle: PatchHandle, cfg: MoEBiasHeadConfig) -> MoEBiasHead:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         head._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         head.last_aux_loss = None
+        head._fused = None
+        if kwargs.get("fused_lm_head") and head.enabled:
+            # TRL's fused LM head would score `lm_head.weight @ h` and skip the bias: run the
+            # plain forward for the logits instead and answer the fused protocol from them.
+            head._fused = {k: kwargs.pop(k, None) for k in trl_fused.FUSED_KWARGS}
+        return args, kwargs
 
     def model_hook(module, args, kwargs, output):
         head._attention_mask = None
+        if head._fused is not None:
+            output = _answer_fused(module, head, head._fused, kwargs, output)
+            head._fused = None
         aux = head.last_aux_loss
         if aux is None or cfg.load_balance_weight == 0:
             return output
@@ -396,7 +444,26 @@ def _install(handle: PatchHandle, cfg: MoEBiasHeadConfig) -> MoEBiasHead:
     return head
 
 
-register_method(Method(name="moe_bias_head", apply=_install, resolve=resolve_config))
+class MoEBiasHeadMethod(Method):
+    name = "moe_bias_head"
+    config_class = MoEBiasHeadConfig
+    exports = (
+        "MoEBiasHeadConfig",
+        "apply_moe_bias",
+        "get_moe_bias_layer",
+        "load_moe_bias_adapter",
+        "moe_bias_disabled",
+        "save_moe_bias_adapter",
+    )
+
+    def resolve(self, block, model_config):
+        return resolve_config(block)
+
+    def apply(self, handle, block: MoEBiasHeadConfig) -> MoEBiasHead:
+        return _install(handle, block)
+
+
+register_method(MoEBiasHeadMethod())
 
 
 # ---- the functional interface -----------------------------------------------------------
@@ -471,7 +538,7 @@ def load_moe_bias_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> M
     already has a head must have the adapter's shapes. The adapter's config is used as saved:
     MOE_BIAS_* variables that would change it are an error.
     """
-    from .config import from_dict
+    from ..config import from_dict
 
     adapter_dir = Path(adapter_dir)
     cfg_file, weights_file = adapter_dir / ADAPTER_CONFIG_NAME, adapter_dir / ADAPTER_WEIGHTS_NAME
@@ -498,11 +565,13 @@ def load_moe_bias_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> M
     handle = get_handle(model)
     head = get_moe_bias_layer(model)
     if handle is None:
-        handle = patch_model(model, MoESFTConfig(moe_bias_head=cfg))
+        handle = patch_model(model, config_class()(moe_bias_head=cfg))
         head = get_moe_bias_layer(model)
     elif head is None:
         head = _install(handle, cfg)
+        handle.state["moe_bias_head"] = head
         handle.config = dataclasses.replace(handle.config, moe_bias_head=cfg)
+        handle.refresh_extra_keys()
     elif head.config != cfg:
         raise ConfigError(
             f"{type(model).__name__} already has a MoE-Bias head configured as {head.config}; the adapter in "

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, ConfigError, MoESFTConfig
-from .methods import Method, register_method
+from ..checkpoint import TENSORS_NAME, load_extra_tensors
+from ..config import CONFIG_NAME, ConfigError, config_class
+from ..plugins import Method, register_method
 
 logger = logging.getLogger(__name__)
-
-EXTRA_FILE = "moe_sft_extra.safetensors"
 
 # Attention projections per model_type (PEFT matches these as module-name suffixes).
 ATTENTION_TARGETS: dict[str, list[str]] = {
@@ -106,40 +105,10 @@ def peft_lora_config(model_type: str, cfg: LoraBlockConfig):
     )
 
 
-def apply_lora(handle, cfg: LoraBlockConfig) -> None:
-    """Check the combination; the adapters themselves are added by `get_peft_model`."""
-    config = handle.config
-    if getattr(config, "esft", None) is not None:
-        raise ConfigError(
-            "lora and esft cannot be combined: both decide which weights train (LoRA: low-rank adapters on "
-            "frozen weights, ESFT: full selected expert slices); use one of them"
-        )
-    if getattr(config, "densemixer", None) is not None:
-        raise ConfigError(
-            "lora and densemixer cannot be combined: DenseMixer's dense term reads the fused expert tensors "
-            "directly, which under LoRA are not the adapted weights, and LoRA freezes the base router it trains; "
-            "use densemixer without lora"
-        )
-    if getattr(config, "frozen_router", None) is not None and cfg.router:
-        raise ConfigError("lora.router=true adapts the router while frozen_router freezes it; drop one of them")
-    if cfg.router and any(handle.adapter.selection_correction(m.block) is not None for m in handle.layers):
-        raise ConfigError(
-            f"lora.router=true is not supported for {handle.model.config.model_type}: its router holds the "
-            "selection-only e_score_correction_bias, which PEFT's router wrapper hides; set lora.router=false"
-        )
-    peft_lora_config(handle.model.config.model_type, cfg)  # fails now on an unknown family
-    handle.lora_extra_keys = frozenset(handle.extra_state_dict())
-
-    def undo():
-        del handle.lora_extra_keys
-
-    handle.add_undo(undo)
-
-
 def _handle(model: nn.Module):
-    from .patching import get_handle
+    from ..patching import find_handle
 
-    handle = get_handle(model)
+    handle = find_handle(model)
     if handle is None or handle.config.lora is None:
         raise ValueError(
             "get_peft_model needs a model patched with a `lora:` block: "
@@ -150,42 +119,60 @@ def _handle(model: nn.Module):
 
 def get_peft_model(model: nn.Module):
     """Wrap a model patched with a `lora:` block in a `peft.PeftModel` (adapters at zero: the
-    output equals the base model's). Parameters the patch added stay trainable."""
+    output equals the base model's). Parameters the patch added stay trainable, and the
+    wrapper's `save_pretrained` (Trainer checkpoints, save_model) also writes the moe_sft config
+    and the patch's tensors, so `load_adapter` restores the whole thing."""
     import peft
 
     handle = _handle(model)
     peft_model = peft.get_peft_model(model, peft_lora_config(model.config.model_type, handle.config.lora))
     _unfreeze_patch_parameters(model, handle)
+    _install_save(peft_model, handle)
     return peft_model
 
 
 def _unfreeze_patch_parameters(model: nn.Module, handle) -> None:
+    keys = handle.state["lora"]
     for name, p in model.named_parameters():
-        if name in handle.lora_extra_keys:
+        if name in keys:
             p.requires_grad_(True)
+
+
+def _install_save(peft_model, handle) -> None:
+    """PeftModel.save_pretrained, then the moe_sft config and the patch's tensors beside it."""
+    from safetensors.torch import save_file
+
+    stock_save = peft_model.save_pretrained
+    keys = handle.state["lora"]
+
+    def save_pretrained(save_directory, state_dict=None, is_main_process: bool = True, **kwargs):
+        stock_save(save_directory, state_dict=state_dict, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        if state_dict is not None:  # the wrapper's keys (e.g. ZeRO-3 weights gathered by the Trainer)
+            prefix = "base_model.model."
+            source = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        else:
+            source = handle.model.state_dict()
+        handle.config.save(save_directory)
+        if keys:
+            save_file({k: source[k].detach().contiguous().cpu() for k in sorted(keys)}, str(Path(save_directory) / TENSORS_NAME))
+
+    peft_model.save_pretrained = save_pretrained
 
 
 def save_adapter(peft_model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write the PEFT adapter (adapter_config.json, adapter_model.safetensors), the moe_sft
-    config, the tensors the patch added (moe_sft_extra.safetensors) and the tokenizer, if
+    config, the tensors the patch added (moe_sft_tensors.safetensors) and the tokenizer, if
     given, atomically."""
-    from safetensors.torch import save_file
+    from ..io import atomic_directory
 
-    from .io import atomic_directory
-
-    base = peft_model.get_base_model()
-    handle = _handle(base)
     out_dir = Path(out_dir)
-    state = base.state_dict()
-    extra = {k: state[k].detach().contiguous().cpu() for k in sorted(handle.lora_extra_keys)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        handle.config.save(tmp)
-        if extra:
-            save_file(extra, str(Path(tmp) / EXTRA_FILE))
-    logger.info("moe_sft: saved LoRA adapter (+%d moe_sft tensors) to %s", len(extra), out_dir)
+    logger.info("moe_sft: saved LoRA adapter to %s", out_dir)
     return out_dir
 
 
@@ -193,30 +180,63 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, is_trainab
     """Patch `model` (a stock base model) with the saved config, restore the patch's tensors and
     load the adapter: returns the `peft.PeftModel`, exactly as saved."""
     import peft
-    from safetensors.torch import load_file
 
-    from .patching import get_handle, patch_model
+    from ..patching import get_handle, patch_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_NAME}; it was not written by moe_sft.lora.save_adapter")
+        raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_NAME}; it was not written by moe_sft.methods.lora.save_adapter")
     if get_handle(model) is not None:
         raise ValueError("load_adapter patches the model itself; pass the stock base model")
-    config = MoESFTConfig.load(adapter_dir)
-    handle = patch_model(model, config)
-    if handle.lora_extra_keys:
-        found = load_file(str(adapter_dir / EXTRA_FILE))
-        missing = sorted(handle.lora_extra_keys - set(found))
-        if missing:
-            raise FileNotFoundError(f"{adapter_dir}/{EXTRA_FILE} lacks {missing[:3]}")
-        state = model.state_dict()
-        with torch.no_grad():
-            for k in handle.lora_extra_keys:
-                state[k].copy_(found[k])
+    handle = patch_model(model, config_class().load(adapter_dir))
+    load_extra_tensors(handle, adapter_dir)
     peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
     if is_trainable:
         _unfreeze_patch_parameters(model, handle)
+    _install_save(peft_model, handle)
     return peft_model
 
 
-register_method(Method(name="lora", apply=apply_lora))
+class Lora(Method):
+    name = "lora"
+    config_class = LoraBlockConfig
+    exports = ("LoraBlockConfig",)
+
+    def check(self, config, launch) -> None:
+        cfg = config.lora
+        if config.esft is not None:
+            raise ConfigError(
+                "lora and esft cannot be combined: both decide which weights train (LoRA: low-rank adapters on "
+                "frozen weights, ESFT: full selected expert slices); use one of them"
+            )
+        if config.densemixer is not None:
+            raise ConfigError(
+                "lora and densemixer cannot be combined: DenseMixer's dense term reads the fused expert tensors "
+                "directly, which under LoRA are not the adapted weights, and LoRA freezes the base router it trains; "
+                "use densemixer without lora"
+            )
+        if config.frozen_router is not None and cfg.router:
+            raise ConfigError("lora.router=true adapts the router while frozen_router freezes it; drop one of them")
+        if launch is not None and launch.zero_stage == 3:
+            raise ConfigError(
+                "lora with ZeRO-3 is not supported yet (the adapter save reads live, partitioned parameters); use "
+                "configs/deepspeed/zero2.json or no deepspeed"
+            )
+
+    def apply(self, handle, block: LoraBlockConfig) -> frozenset[str]:
+        """Check the family; the adapters themselves are added by `wrap` / `get_peft_model`.
+        The state: the names of the tensors the patch added (PEFT renames the modules it wraps,
+        so they are fixed now)."""
+        if block.router and any(handle.adapter.selection_correction(m.block) is not None for m in handle.layers):
+            raise ConfigError(
+                f"lora.router=true is not supported for {handle.model.config.model_type}: its router holds the "
+                "selection-only e_score_correction_bias, which PEFT's router wrapper hides; set lora.router=false"
+            )
+        peft_lora_config(handle.model.config.model_type, block)  # fails now on an unknown family
+        return frozenset(handle.extra_keys())
+
+    def wrap(self, model, handle, state):
+        return get_peft_model(model)
+
+
+register_method(Lora())

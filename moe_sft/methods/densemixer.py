@@ -34,10 +34,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import PatchError
-from .config import ConfigError
-from .methods import Method, register_method
-from .routing import Routing
+from ..adapters import PatchError
+from ..config import ConfigError
+from ..plugins import Method, register_method
+from ..routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,6 @@ class _DenseRouterGrad(torch.autograd.Function):
 
 def make_hook(cfg: DenseMixerConfig):
     def densemixer_hook(block: nn.Module, x: torch.Tensor, routing: Routing, y: torch.Tensor) -> torch.Tensor:
-        if routing.index.shape[1] != routing.num_routed:
-            raise PatchError(
-                f"densemixer: layer {block.moe_sft.layer_idx} has {routing.index.shape[1] - routing.num_routed} "
-                "forced (always-active) experts; DenseMixer's dense gradient is defined for plain top-k routing. "
-                "Turn off the method that forces experts (e.g. condenser) or densemixer."
-            )
         pi = dense_gates(block.moe_sft.spec, routing)
         if not (torch.is_grad_enabled() and pi.requires_grad):
             return y  # eval / no_grad / frozen router: D would only cost compute
@@ -181,21 +175,37 @@ def _check_experts(block: nn.Module, where: str) -> None:
         )
 
 
-def apply_densemixer(handle, cfg: DenseMixerConfig) -> None:
-    hook = make_hook(cfg)
-    for layer in handle.layers:
-        _check_experts(layer.block, layer.name)
-    for layer in handle.layers:
-        ctl = layer.controls
-        ctl.output_hooks.append(hook)
-        ctl.detach_combine_weights = True
+class DenseMixer(Method):
+    name = "densemixer"
+    config_class = DenseMixerConfig
+    exports = ("DenseMixerConfig",)
 
-        def undo(ctl=ctl):
-            ctl.output_hooks.remove(hook)
-            ctl.detach_combine_weights = False
+    def check(self, config, launch) -> None:
+        condensers = config.condenser.condensers if config.condenser is not None else None
+        if condensers is not None and condensers.source == "longtail":
+            raise ConfigError(
+                "densemixer and condenser.condensers (source: longtail) cannot be combined: long-tail condensers are "
+                "always-active experts outside the top-k, and DenseMixer's dense router gradient is defined for plain "
+                "top-k routing. Use densemixer with the condenser's router bias alone (no condensers block), or "
+                "condensers with source: new"
+            )
 
-        handle.add_undo(undo)
-    logger.info("moe_sft: densemixer (%s memory) on %d MoE layers", cfg.memory, len(handle.layers))
+    def apply(self, handle, block: DenseMixerConfig) -> None:
+        hook = make_hook(block)
+        for layer in handle.layers:
+            _check_experts(layer.block, layer.name)
+        for layer in handle.layers:
+            ctl = layer.controls
+            ctl.claim("detach_combine_weights", "densemixer")
+            ctl.output_hooks.append(hook)
+            ctl.detach_combine_weights = True
+
+            def undo(ctl=ctl):
+                ctl.output_hooks.remove(hook)
+                ctl.detach_combine_weights = False
+
+            handle.add_undo(undo)
+        logger.info("moe_sft: densemixer (%s memory) on %d MoE layers", block.memory, len(handle.layers))
 
 
-register_method(Method(name="densemixer", apply=apply_densemixer))
+register_method(DenseMixer())
