@@ -15,6 +15,10 @@ extension points the methods use, all held per MoE layer by a `MoEControls` modu
     detach_combine_weights  the experts combine with gate weights cut from the autograd
                     graph (same values); a method that sets it gives the router its gradient
                     by another path (DenseMixer's output hook)
+    replay          (T, k') long: the routed picks to use for this forward's T tokens instead of
+                    the top-k (routing replay in RL: the experts chosen when a rollout was
+                    generated); the gate weights still come from the current scores, so the
+                    router keeps its gradient. Forced experts are appended as usual
     observers       callables (layer_idx, routing, x, block) -> None that see every routing
                     (read only): the one routing record that usage statistics, expert-load
                     logging, ESFT scores and pruning profiles reduce over
@@ -148,6 +152,7 @@ class MoEControls(nn.Module):
         self.allow_overlap = False
         self.output_hooks: list[Callable] = []
         self.detach_combine_weights = False
+        self.replay: torch.Tensor | None = None
         self.observers: list[tuple[Callable, bool]] = []  # (observer, training forwards only)
         self.claims: dict[str, str] = {}  # extension point -> the config block that set it
 
@@ -237,7 +242,16 @@ def route(
         sel = _group_limit(sel, spec)
 
     k = ctl.num_routed if ctl is not None and ctl.num_routed is not None else spec.top_k
-    index = torch.topk(sel, k, dim=-1, sorted=spec.sorted_topk)[1]
+    replay = ctl.replay if ctl is not None else None
+    if replay is not None:
+        if replay.shape != (s.shape[0], k):
+            raise ValueError(
+                f"layer {ctl.layer_idx}: routing replay holds {tuple(replay.shape)} expert ids, but this forward routes "
+                f"{s.shape[0]} tokens x {k} picks; record and replay the same tokens"
+            )
+        index = replay.to(s.device)
+    else:
+        index = torch.topk(sel, k, dim=-1, sorted=spec.sorted_topk)[1]
     weights = s.gather(1, index)
     if forced is not None:
         T = s.shape[0]

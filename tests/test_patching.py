@@ -234,3 +234,36 @@ def test_usage_counts_only_real_training_forwards():
         model(**batch).loss.backward()
     assert all(s.tokens == 16 and s.counts.sum() == 64 for s in handle.usage().values())
     handle.revert()
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_routing_replay_reproduces_recorded_picks_and_keeps_the_router_gradient(family):
+    """Replaying the picks a forward made gives that forward's outputs exactly; replaying other
+    picks routes there (gate weights from the current scores, so the router still gets a
+    gradient); a replay of the wrong shape is refused."""
+    model = tiny_model(family)
+    handle = moe_sft.patch_model(model)
+    batch = tiny_batch(model)
+    recorded = {}
+    with handle.observing(lambda i, routing, x, block: recorded.__setitem__(i, routing.index[:, : routing.num_routed].clone())):
+        ref = model(**batch).logits
+    for m in handle.layers:
+        m.controls.replay = recorded[m.layer_idx]
+    assert torch.equal(model(**batch).logits, ref)
+
+    seen = {}
+    with handle.observing(lambda i, routing, x, block: seen.__setitem__(i, routing.index.clone())):
+        for m in handle.layers:  # every token: the k experts with the highest ids
+            E, k = m.controls.spec.num_experts, recorded[m.layer_idx].shape[1]
+            m.controls.replay = torch.arange(E - k, E).expand_as(recorded[m.layer_idx]).clone()
+        model.train()
+        out = model(**batch)
+        out.loss.backward()
+    for m in handle.layers:
+        assert torch.equal(seen[m.layer_idx], m.controls.replay)
+        assert m.block.gate.weight.grad is not None and m.block.gate.weight.grad.abs().sum() > 0
+    assert not torch.equal(out.logits, ref)
+    handle.layers[0].controls.replay = recorded[handle.layers[0].layer_idx][:3]
+    with pytest.raises(ValueError, match="routing replay holds"):
+        model(**batch)
+    handle.revert()
