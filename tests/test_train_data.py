@@ -72,28 +72,34 @@ def test_chat_messages_mask_everything_but_assistant_turns(tmp_path, tok):
     assert pieces == ["3.</s>\n", "4.</s>\n"]
 
 
-def test_llm_adapters_with_chat_template(tmp_path, tok):
-    rec = {"instruction": "Say hi", "input": "", "output": "hi"}
+@pytest.mark.parametrize("inp", ["", "a friend"])
+def test_llm_adapters_with_chat_template(tmp_path, tok, inp):
+    rec = {"instruction": "Say hi", "input": inp, "output": "hi"}
     cfg = DataConfig(files=[str(_write(tmp_path / "d.jsonl", [rec]))], prompt_template="chat")
     ds = build_dataset(tok, cfg)
     p, target = _split(tok, ds[0])
-    assert p == "<s>user: Say hi</s>\n<s>assistant: " and target == "hi</s>\n"
+    user = "Say hi\na friend" if inp else "Say hi"  # instruction and input joined by a newline, as LLaMA-Factory does
+    assert p == f"<s>user: {user}</s>\n<s>assistant: " and target == "hi</s>\n"
 
 
 @pytest.mark.parametrize(
     "bad, jsonl, where, what",
     [
-        ({"instruction": "x", "input": ""}, True, "line 3", "output"),
-        ({"instruction": 5, "output": "y"}, False, "record 3", "instruction"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, True, "line 3", "assistant"),
-        ({"text": "plain"}, True, "line 3", "cannot tell the format"),
+        ({"instruction": "x", "input": ""}, True, "line 3", "`output`: required"),
+        ({"instruction": 5, "output": "y"}, False, "record 3", "`instruction`: expected a string"),
+        # The file's format is decided by its first record (alpaca), so a chat record is a malformed alpaca one.
+        ({"messages": [{"role": "user", "content": "hi"}]}, True, "line 3", "`instruction`: required"),
+        ({"text": "plain"}, True, "line 3", "`instruction`: required"),
     ],
 )
 def test_malformed_record_names_file_and_line(tmp_path, tok, bad, jsonl, where, what):
     good = {"instruction": "a", "input": "", "output": "b"}
     path = _write(tmp_path / ("d.jsonl" if jsonl else "d.json"), [good, good, bad, good], jsonl)
-    with pytest.raises(DataError, match=rf"{path}.*{where}.*{what}|{path} {where}: .*{what}"):
+    with pytest.raises(DataError, match=rf"{path} {where}: field {what}"):
         build_dataset(tok, DataConfig(files=[str(path)]))
+    chat = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=rf"{chat} line 1: field `messages`: no `assistant` message"):
+        build_dataset(tok, DataConfig(files=[str(chat)]))
 
 
 def test_invalid_json_line_is_named(tmp_path, tok):

@@ -100,29 +100,16 @@ class ExpertProfile:
 
 # ---- data ---------------------------------------------------------------------------------
 def read_texts(path: str, tokenizer, *, limit: int | None = None) -> list[str]:
-    """Texts to profile on, from a local .json/.jsonl file or a hub dataset (train split):
-    LLM-Adapters records (the Alpaca prompt of instruction/input, followed by `output` when
-    present), chat records (`messages`, through the tokenizer's chat template) or plain text
-    records (`{"text": ...}`)."""
-    from ..evaluation.benchmarks import format_prompt
+    """Texts to profile on, read by the training data loader (`moe_sft.data`): any file, folder,
+    `save_to_disk` folder or hub id `moe-sft train` reads, in any of its formats, each record
+    rendered as training renders it (alpaca records through the Alpaca prompt, with `output` when
+    present; chat records through the tokenizer's chat template); `{"text": ...}` records as they are."""
+    from ..data import DataError, profile_texts
     from ..train.config import DataConfig
-    from ..train.data import DataError, read_records
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be a positive number of records")
-    texts = []
-    for rec in read_records(DataConfig(files=[path], max_samples=limit)):
-        d = rec.data
-        if isinstance(d, dict) and isinstance(d.get("text"), str):
-            texts.append(d["text"])
-        elif isinstance(d, dict) and isinstance(d.get("instruction"), str):
-            output = d.get("output") if isinstance(d.get("output"), str) else ""
-            texts.append(format_prompt(d["instruction"], d.get("input") or "") + output)
-        elif isinstance(d, dict) and isinstance(d.get("messages"), list):
-            texts.append(tokenizer.apply_chat_template(d["messages"], tokenize=False))
-        else:
-            keys = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise DataError(f"{rec.where}: expected a `text`, `instruction` or `messages` record, got {keys}")
+    texts = profile_texts(tokenizer, DataConfig(files=[path], max_samples=limit))
     if not any(t.strip() for t in texts):
         raise DataError(f"{path}: no non-empty text to profile on")
     return texts

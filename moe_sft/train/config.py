@@ -60,40 +60,136 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Training data.
+    """Training data (docs/data.md has every key with its LLaMA-Factory equivalent).
 
-    files            local .json (a list of records) / .jsonl files, or hub dataset ids
-                     (loaded with `datasets.load_dataset(id, split=split)`)
-    format           llm_adapters: {instruction, input, output} records; messages: chat records
-                     {messages: [{role, content}, ...]}; auto: decided per record
-    prompt_template  how llm_adapters records become text: `alpaca` (LLM-Adapters' prompt, as its
-                     evaluation uses) or `chat` (instruction+input as the user turn, output as the
-                     assistant turn, through the tokenizer's chat template)
-    max_length       longer examples are truncated (the count is reported)
+    files            data to read, each one dataset: local .json (a list, or JSON Lines) / .jsonl /
+                     .parquet / .csv files, folders of them, `save_to_disk` folders, or hub dataset ids
+    sources          datasets with their own options (DataConfig.Source: subset, split, revision,
+                     columns, tags, streaming, max_samples, ...), read after `files`
+    dataset          LLaMA-Factory registry names ("alpaca_en_demo,identity" or a list), entries of
+                     `<dataset_dir>/dataset_info.json`, read after `sources`
+    dataset_dir      the folder of that dataset_info.json (`ONLINE`: the names are hub ids)
+    split            split of hub / folder datasets (default of every source)
+    format           auto (decided per source from its first record), llm_adapters (Alpaca records:
+                     instruction/input/output, system, history), sharegpt (conversations), messages
+                     (OpenAI chat), prompt_completion, tokenized (input_ids/labels), text (profiling only)
+    prompt_template  alpaca: alpaca records through LLM-Adapters' prompt (as its evaluation uses), chat
+                     records through the tokenizer's chat template; chat: every record through the
+                     tokenizer's chat template; or the path of a Jinja chat template file (.jinja)
+    mask_history     train on the last assistant turn only (default: every assistant turn)
+    max_length       longer examples are truncated (the count and the longest are reported)
     packing          pack several examples per row (attention stays within each example)
-    max_samples      use only the first N records (after concatenating `files`)
+    max_samples      use only the first N records of each dataset
+    mix_strategy     concat, or interleave_under / interleave_over / interleave_once (sampling by
+                     `interleave_probs`: stop at the first exhausted dataset / repeat until all are
+                     used / each record at most once)
+    interleave_probs one probability per dataset (a list, or "0.7,0.3"), summing to 1
+    seed             seed of interleaving and `num_samples` sampling
+    streaming        stream hub datasets instead of downloading them whole (read up to max_samples)
     profile_samples  examples (a seeded random sample) for profiling passes run before training
                      (ESFT's expert scores)
     """
 
-    files: list[str]
+    Format = Literal["auto", "llm_adapters", "sharegpt", "messages", "prompt_completion", "tokenized", "text"]
+
+    @dataclasses.dataclass
+    class Source:
+        """One dataset with its own options; unset ones follow the data block's.
+
+        path         local file / folder / save_to_disk folder, or hub dataset id
+        subset       hub config name (`load_dataset(path, subset)`)
+        data_dir     sub-folder of the dataset repository (LLaMA-Factory's `folder`)
+        columns      rename {column in the data: field the format reads}, e.g. {question: instruction}
+        tags         ShareGPT keys and role names, LLaMA-Factory's `tags` (role_tag, content_tag,
+                     user_tag, assistant_tag, observation_tag, function_tag, system_tag)
+        num_samples  a seeded random sample of this many records (repeated when larger)
+        """
+
+        path: str
+        format: DataConfig.Format | None = None  # default: the data block's
+        subset: str | None = None
+        split: str | None = None
+        revision: str | None = None
+        data_dir: str | None = None
+        columns: dict[str, str] | None = None
+        tags: dict[str, str] | None = None
+        streaming: bool | None = None
+        max_samples: int | None = None
+        num_samples: int | None = None
+
+        def __post_init__(self):
+            from ..data.formats import SHAREGPT_TAGS
+
+            if not self.path:
+                raise ConfigError("data.sources[].path is empty; give a file, folder or hub dataset id")
+            unknown = sorted(set(self.tags or {}) - set(SHAREGPT_TAGS))
+            if unknown:
+                raise ConfigError(f"data.sources[{self.path!r}].tags: unknown keys {unknown}; valid: {', '.join(SHAREGPT_TAGS)}")
+            for key in ("max_samples", "num_samples"):
+                if getattr(self, key) is not None and getattr(self, key) < 1:
+                    raise ConfigError(f"data.sources[{self.path!r}].{key}={getattr(self, key)} must be positive (or null)")
+
+    files: list[str] = dataclasses.field(default_factory=list)
     split: str = "train"
-    format: Literal["auto", "llm_adapters", "messages"] = "auto"
-    prompt_template: Literal["alpaca", "chat"] = "alpaca"
+    format: DataConfig.Format = "auto"
+    prompt_template: str = "alpaca"
     max_length: int = 1024
     packing: bool = False
     max_samples: int | None = None
     profile_samples: int = 256
+    sources: list[DataConfig.Source] = dataclasses.field(default_factory=list)
+    dataset: str | list[str] | None = None
+    dataset_dir: str = "data"
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = "concat"
+    interleave_probs: str | list[float] | None = None
+    seed: int = 42
+    mask_history: bool = False
+    streaming: bool = False
 
     def __post_init__(self):
-        if not self.files:
-            raise ConfigError("data.files is empty; list at least one .json/.jsonl file or hub dataset id")
+        self.dataset = self._names(self.dataset)
+        n = len(self.files) + len(self.sources) + len(self.dataset)
+        if n == 0:
+            raise ConfigError("data: no data; list files (data.files), sources (data.sources) or LLaMA-Factory "
+                              "registry names (data.dataset with data.dataset_dir)")  # fmt: skip
         if self.max_length < 2:
             raise ConfigError(f"data.max_length={self.max_length} must be at least 2")
         if self.profile_samples < 1:
             raise ConfigError(f"data.profile_samples={self.profile_samples} must be positive")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"data.max_samples={self.max_samples} must be positive (or null for all)")
+        if self.prompt_template not in ("alpaca", "chat") and not self.prompt_template.endswith((".jinja", ".j2")):
+            raise ConfigError(f"data.prompt_template={self.prompt_template!r}: give `alpaca`, `chat` or the path of a "
+                              "Jinja chat template file ending in .jinja")  # fmt: skip
+        self.interleave_probs = self._probs(self.interleave_probs, self.mix_strategy, n)
+
+    @staticmethod
+    def _names(value) -> list[str]:
+        """data.dataset as a list of names: "a,b" (LLaMA-Factory's form) or a list."""
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ConfigError(f"data.dataset: expected names as \"a,b\" or a list of strings, got {value!r}")
+        return [x.strip() for x in items if x.strip()]
+
+    @staticmethod
+    def _probs(value, strategy: str, n: int) -> list[float] | None:
+        """data.interleave_probs as floats: one per dataset, summing to 1, only when interleaving."""
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            probs = [float(x) for x in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.interleave_probs: expected numbers (a list or \"0.7,0.3\"), got {value!r}") from None
+        if strategy == "concat":
+            raise ConfigError(f"data.interleave_probs={probs} needs interleaving; set data.mix_strategy: interleave_under "
+                              "(or interleave_over / interleave_once)")  # fmt: skip
+        if len(probs) != n or not all(p >= 0 for p in probs) or not abs(sum(probs) - 1) <= 1e-6:  # NaN fails too
+            raise ConfigError(f"data.interleave_probs={probs}: give {n} non-negative probabilities (one per dataset, in the "
+                              f"order files, sources, dataset) that sum to 1 (they sum to {sum(probs):g})")  # fmt: skip
+        return probs
 
 
 @dataclasses.dataclass
