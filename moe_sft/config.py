@@ -110,12 +110,16 @@ def from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(data).__name__}")
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted((k for k in data if k not in types_), key=str)  # YAML keys need not be strings
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} in {cls.__name__}; "
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)} in {cls.__name__}; "
             f"valid keys here: {', '.join(sorted(types_))}"
         )
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in data]  # fmt: skip
+    if required:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: missing required key(s) {', '.join(prefix + k for k in required)}")
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 

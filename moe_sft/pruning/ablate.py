@@ -25,16 +25,14 @@ import hashlib
 import io
 import json
 import logging
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, apply_overrides, from_dict, load_yaml
-from ..io import atomic_write_text
+from ..io import atomic_file, atomic_write_text
 from ..train.config import ModelConfig
-from .mask import disabled_experts, masked
+from .mask import check_selection, disabled_experts, masked, merge
 from .profile import PROFILE_JSON, ExpertProfile, profile_model, read_texts, write_profile
 from .strategies import Selection, fraction_pruned, select_experts
 
@@ -164,7 +162,7 @@ def _load_model(m: ModelConfig):
         if torch.cuda.is_available():
             model.cuda()
         return model, tiny_tokenizer() if m.tokenizer is None else AutoTokenizer.from_pretrained(m.tokenizer)
-    from ..checkpoint import from_pretrained
+    from ..pretrained import from_pretrained
 
     kwargs = {"dtype": m.dtype if m.dtype == "auto" else getattr(torch, m.dtype)}
     kwargs.update({k: v for k in ("attn_implementation", "experts_implementation") if (v := getattr(m, k)) is not None})
@@ -194,6 +192,7 @@ def _settings(cfg: AblateConfig, prepared, profile_text: str) -> dict:
 
 
 def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse a folder holding an ablation with other settings (nothing is written here)."""
     path = out / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -203,75 +202,99 @@ def _check_settings(out: Path, settings: dict) -> None:
                 f"{out} holds an ablation with other settings ({diff}, as (saved, asked)); use a new `out` or delete "
                 "that folder to start over"
             )
-    else:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
-def _profile(cfg: AblateConfig, out: Path, model, tokenizer) -> ExpertProfile:
-    """The configured profile, or the one made (once) from `profile_data` under out/profile."""
+def _profile(cfg: AblateConfig, out: Path, model, tokenizer) -> tuple[ExpertProfile, bool]:
+    """The configured profile, or the one made (once) from `profile_data` for out/profile;
+    True when it was made now and still has to be written."""
     if cfg.profile is not None:
-        profile = ExpertProfile.load(cfg.profile)
+        profile, fresh = ExpertProfile.load(cfg.profile), False
     elif (out / "profile" / PROFILE_JSON).is_file():
-        profile = ExpertProfile.load(out / "profile")
+        profile, fresh = ExpertProfile.load(out / "profile"), False
     else:
         texts = read_texts(cfg.profile_data, tokenizer, limit=cfg.profile_limit)
         profile = profile_model(model, tokenizer, texts, batch_size=cfg.profile_batch_size, max_length=cfg.profile_max_length,
                                 model_id=_model_id(cfg.model), data=cfg.profile_data)  # fmt: skip
-        write_profile(profile, out / "profile")
+        fresh = True
     profile.check_matches(model)
-    return profile
+    return profile, fresh
+
+
+def plan(cfg: AblateConfig, profile: ExpertProfile, model=None) -> list[tuple[Cell, Selection]]:
+    """Every cell of the grid with its selection, each checked as masking it in `model` will
+    check it (without a model: the counts and top_k survivors on the profile alone). The first
+    cell that cannot run is an error naming it."""
+    exclude = disabled_experts(model) if model is not None else {}
+    cells = []
+    for cell in grid(cfg):
+        try:
+            selection = cell_selection(profile, cell, exclude)
+            if model is not None:
+                check_selection(model, merge(exclude, selection))
+        except ConfigError as e:
+            raise ConfigError(f"ablation cell {cell.name}: {e}; nothing was written") from None
+        cells.append((cell, selection))
+    return cells
 
 
 def run_ablation(cfg: AblateConfig) -> str:
-    """Run (or resume) the grid; write CSV, Markdown and plot; return the Markdown table."""
+    """Run (or resume) the grid; write CSV, Markdown and plot; return the Markdown table.
+    Data, profile, settings and every cell's selection are checked before anything is written."""
     from tqdm.auto import tqdm
 
-    from ..evaluation import evaluate_model, prepare_benchmarks
+    from ..evaluation import prepare_benchmarks
     from ..patching import get_handle, patch_model
 
-    # Data and profile files are checked before the model is loaded.
     prepared = prepare_benchmarks(cfg.benchmarks, data_dir=cfg.data_dir, limit=cfg.limit)
     if cfg.profile is not None:
-        ExpertProfile.load(cfg.profile)
+        plan(cfg, ExpertProfile.load(cfg.profile))  # counts, before the model is loaded
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _load_model(cfg.model)
     if get_handle(model) is None:
         patch_model(model)  # every method off (stock outputs); cells set and clear masks on it
-    profile = _profile(cfg, out, model, tokenizer)
-    _check_settings(out, _settings(cfg, prepared, json.dumps(profile.to_json())))
-
-    exclude = disabled_experts(model)
-    cells = [(cell, cell_selection(profile, cell, exclude)) for cell in grid(cfg)]  # all valid before any eval
+    profile, fresh = _profile(cfg, out, model, tokenizer)
+    settings = _settings(cfg, prepared, json.dumps(profile.to_json()))
+    _check_settings(out, settings)
+    cells = plan(cfg, profile, model)
     for cell, selection in cells:
         if cell.strategy != "unpruned" and not selection:
             logger.warning("ablation: %s selects no expert on this profile; its cell equals the unpruned model", cell.name)
+
+    if fresh:
+        write_profile(profile, out / "profile")
+    if not (out / "settings.json").exists():
+        atomic_write_text(out / "settings.json", json.dumps(settings, indent=2) + "\n")
     (out / "cells").mkdir(exist_ok=True)
-    records, skipped = [], 0
-    for cell, selection in tqdm(cells, desc="ablation", unit="cell"):
-        path = out / "cells" / f"{cell.name}.json"
-        if path.exists():
-            records.append(json.loads(path.read_text()))
-            skipped += 1
-            continue
-        with masked(model, selection):
-            results = evaluate_model(model, tokenizer, prepared, out / "eval", name=cell.name, model_id=f"{_model_id(cfg.model)} [{cell.name}]",
-                                     batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
-                                     scoring=cfg.scoring)  # fmt: skip
-        record = {
-            **dataclasses.asdict(cell),
-            "cell": cell.name,
-            "label": cell.label,
-            "num_pruned": sum(len(v) for v in selection.values()),
-            "fraction_pruned": fraction_pruned(profile, selection),
-            "pruned": {str(k): v for k, v in selection.items()},
-            "results": {b: {k: r[k] for k in ("accuracy", "correct", "total")} for b, r in results.items()},
-        }
-        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-        records.append(record)
+    records = [_run_cell(cfg, out, model, tokenizer, prepared, profile, cell, selection)
+               for cell, selection in tqdm(cells, desc="ablation", unit="cell")]  # fmt: skip
+    skipped = sum(done for _, done in records)
     if skipped:
         logger.info("ablation: %d of %d cells were already done in %s and were skipped", skipped, len(cells), out)
-    return write_outputs(out, records, [bench.name for bench, _, _ in prepared])
+    return write_outputs(out, [record for record, _ in records], [bench.name for bench, _, _ in prepared])
+
+
+def _run_cell(cfg: AblateConfig, out: Path, model, tokenizer, prepared, profile, cell: Cell, selection: Selection):
+    """(record, True) for a cell finished earlier, else evaluate it masked and (record, False)."""
+    from ..evaluation import evaluate_model
+
+    path = out / "cells" / f"{cell.name}.json"
+    if path.exists():
+        return json.loads(path.read_text()), True
+    with masked(model, selection):
+        results = evaluate_model(model, tokenizer, prepared, out / "eval", name=cell.name, model_id=f"{_model_id(cfg.model)} [{cell.name}]",
+                                 batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams,
+                                 scoring=cfg.scoring)  # fmt: skip
+    record = {
+        **dataclasses.asdict(cell),
+        "cell": cell.name,
+        "label": cell.label,
+        "num_pruned": sum(len(v) for v in selection.values()),
+        "fraction_pruned": fraction_pruned(profile, selection),
+        "pruned": {str(k): v for k, v in selection.items()},
+        "results": {b: {k: r[k] for k in ("accuracy", "correct", "total")} for b, r in results.items()},
+    }
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return record, False
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -353,7 +376,7 @@ def plot(records: list[dict], path: Path) -> None:
     ax.set_title("expert pruning ablation")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -361,8 +384,6 @@ def write_outputs(out: Path, records: list[dict], benchmarks: list[str]) -> str:
     table = markdown_table(records, benchmarks)
     atomic_write_text(out / "ablation.csv", write_csv(records))
     atomic_write_text(out / "ablation.md", table)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".ablation.", suffix=".png")
-    os.close(fd)
-    plot(records, Path(tmp))
-    os.replace(tmp, out / "ablation.png")
+    with atomic_file(out / "ablation.png") as tmp:
+        plot(records, tmp)
     return table

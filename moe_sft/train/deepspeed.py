@@ -2,9 +2,10 @@
 
 The Trainer itself fills the DeepSpeed config's "auto" values from TrainingArguments and the
 model (batch sizes, accumulation, optimizer and scheduler, precision, bucket sizes). This
-module reads the JSON, and on machines without a GPU applies what DeepSpeed and accelerate
-need to train on CPU processes (gloo); on GPUs nothing is changed. `deepspeed` is imported
-only when a config asks for it.
+module reads the JSON, gives a plain process (no launcher) the environment of a one-rank
+world, and on machines without a GPU applies what DeepSpeed and accelerate need to train on
+CPU processes (gloo); on GPUs nothing else is changed. `deepspeed` is imported only when a
+config asks for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -46,6 +48,35 @@ def distributed_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# What deepspeed / torchrun / accelerate launch set for every process (torch's env:// rendezvous).
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group_env(ds: dict) -> None:
+    """DeepSpeed needs a process group. A plain process (no launcher: neither RANK nor
+    WORLD_SIZE set) becomes a world of one on this host, as a one-process launcher would set it
+    up; a launcher's incomplete environment is refused with the commands that start one."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        port = os.environ.get("MASTER_PORT") or str(_free_port())
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        logger.info("moe_sft: deepspeed in a plain process: a world of one rank (127.0.0.1, port %s)", port)
+        return
+    missing = [k for k in LAUNCHER_ENV if k not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"deepspeed: a ZeRO-{zero_stage(ds)} run needs a complete launcher environment, but {', '.join(missing)} "
+            "is not set. Start it with `deepspeed --num_gpus N --module moe_sft.cli train ...`, `torchrun "
+            "--nproc_per_node N -m moe_sft.cli train ...` or `accelerate launch --num_processes N -m moe_sft.cli train "
+            "...` (README \"Launching\"), or as one plain process without RANK / WORLD_SIZE set"
+        )
+
+
 def prepare(ds: dict | None, training: dict) -> tuple[dict | None, dict]:
     """Return (DeepSpeed config to pass to TrainingArguments, extra TrainingArguments kwargs).
 
@@ -59,7 +90,14 @@ def prepare(ds: dict | None, training: dict) -> tuple[dict | None, dict]:
       Trainer's torch AdamW runs on the CPU instead.
     """
     extra: dict = {}
-    if torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if ds is not None and not gpu:
+        for key in ("bf16", "fp16"):
+            if training.get(key):
+                raise ConfigError(f"training.{key}: true needs a GPU; on CPU train in float32 (training.{key}=false)")
+    if ds is not None:
+        ensure_process_group_env(ds)
+    if gpu:
         return ds, extra
     if ds is not None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -68,9 +106,6 @@ def prepare(ds: dict | None, training: dict) -> tuple[dict | None, dict]:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if _offloads_optimizer(ds):
             ds = {**ds, "zero_force_ds_cpu_optimizer": False}
-        for key in ("bf16", "fp16"):
-            if training.get(key):
-                raise ConfigError(f"training.{key}: true needs a GPU; on CPU train in float32 (training.{key}=false)")
     if ds is not None or distributed_world_size() > 1:
         from accelerate import PartialState
 
