@@ -242,10 +242,20 @@ def _patch_block(handle: PatchHandle, layer_idx: int, name: str, block: nn.Modul
     block.__class__ = patched_class(original_cls)
     block._moe_sft_adapter = adapter
     block.moe_sft = controls
+    # DeepSpeed ZeRO-3 "leaf": gather the whole block's parameters when it is entered, instead of
+    # tracing each submodule's fetch order. Methods read expert tensors outside the experts
+    # module's own call (DenseMixer's dense pass, ESFT's slices), and PEFT's wrapper around the
+    # fused experts fetches them out of the traced order, which ZeRO-3 otherwise refuses.
+    leaf_before = block.__dict__.get("_z3_leaf")
+    block._z3_leaf = True
 
     def undo():
         del block.moe_sft
         del block._moe_sft_adapter
+        if leaf_before is None:
+            del block._z3_leaf
+        else:
+            block._z3_leaf = leaf_before
         block.__class__ = original_cls
 
     handle.add_undo(undo)
@@ -275,6 +285,7 @@ def apply_routing_config(handle: PatchHandle) -> None:
         mask = torch.zeros(E, dtype=torch.bool, device=by_idx[layer_idx].block.gate.weight.device)
         mask[list(experts)] = True
         ctl.set_tensor("disabled", mask)
+        ctl.expert_ids["disabled"] = sorted(set(experts))
         ctl.claim("disabled", "routing.disabled_experts")
 
 
@@ -285,8 +296,8 @@ def check_routing_budget(handle: PatchHandle) -> None:
     for m in handle.layers:
         ctl, spec = m.controls, m.controls.spec
         E, k = spec.num_experts, ctl.num_routed if ctl.num_routed is not None else spec.top_k
-        disabled = set(ctl.disabled.nonzero().flatten().tolist()) if ctl.disabled is not None else set()
-        forced = set(ctl.forced.tolist()) if ctl.forced is not None else set()
+        disabled = set(ctl.expert_ids.get("disabled", ())) if ctl.disabled is not None else set()
+        forced = set(ctl.expert_ids.get("forced", ())) if ctl.forced is not None else set()
         who = {point: ctl.claims.get(point, "the family's router") for point in ("disabled", "forced", "num_routed")}
         if forced & disabled:
             raise ConfigError(

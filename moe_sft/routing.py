@@ -155,6 +155,7 @@ class MoEControls(nn.Module):
         self.replay: torch.Tensor | None = None
         self.observers: list[tuple[Callable, bool]] = []  # (observer, training forwards only)
         self.claims: dict[str, str] = {}  # extension point -> the config block that set it
+        self.expert_ids: dict[str, list[int]] = {}  # "forced" / "disabled" -> ids (readable on meta too)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, experts={self.spec.num_experts}, top_k={self.spec.top_k}"

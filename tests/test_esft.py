@@ -20,7 +20,6 @@ from moe_sft.methods.esft import (
     select_experts,
     trainable_parameters,
 )
-from moe_sft.plugins import get_method
 from moe_sft.routing import Routing
 from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
 
@@ -209,3 +208,16 @@ def test_selection_round_trip_and_errors(tmp_path):
     assert moe_sft.get_handle(model) is None
     with pytest.raises(ConfigError, match="top_p"):
         MoESFTConfig.from_dict({"esft": {"top_p": 1.5}})
+
+
+def test_parameters_other_methods_add_keep_training(tmp_path):
+    model = tiny_model("qwen3_moe").train()
+    probe = moe_sft.patch_model(model)
+    selection = _selection(probe)
+    probe.revert()
+    save_selection(tmp_path / "sel.json", selection)
+    cfg = MoESFTConfig.from_dict({"moe_bias_head": {"num_experts": 4, "top_k": 2}, "esft": {"selection_file": str(tmp_path / "sel.json")}})
+    handle = moe_sft.patch_model(model, cfg)
+    assert all(p.requires_grad for p in model.moe_bias_head.parameters())
+    assert not model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    handle.revert()

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import moe_sft
 from moe_sft.config import ConfigError, MoESFTConfig, RoutingConfig
 from moe_sft.routing import route
-from moe_sft.testing import CORE_FAMILIES, tiny_batch, tiny_model
+from moe_sft.testing import ALL_FAMILIES, CORE_FAMILIES, tiny_batch, tiny_config, tiny_model
 
 
 def _state(model):
@@ -267,3 +267,40 @@ def test_routing_replay_reproduces_recorded_picks_and_keeps_the_router_gradient(
     with pytest.raises(ValueError, match="routing replay holds"):
         model(**batch)
     handle.revert()
+
+
+def _meta_blocks(method: str, layers: list[int], selection: str) -> dict:
+    first = lambda n: {i: list(range(n)) for i in layers}  # noqa: E731
+    return {
+        "condenser_longtail": {"condenser": {"bias": {"gamma": 0.01}, "condensers": {"num": 1, "experts": first(1)}}},
+        "condenser_new": {"condenser": {"bias": {"gamma": 0.01}, "condensers": {"source": "new", "experts": first(3)}}},
+        "densemixer": {"densemixer": {}},
+        "esft": {"esft": {"selection_file": selection}},
+        "frozen_router": {"frozen_router": {}},
+        "moe_bias_head": {"moe_bias_head": {}},
+        "lora": {"lora": {}},
+        "disabled_experts": {"routing": {"disabled_experts": first(1)}},
+    }[method]
+
+
+META_METHODS = ("condenser_longtail", "condenser_new", "densemixer", "esft", "frozen_router", "moe_bias_head", "lora", "disabled_experts")
+
+
+@pytest.mark.parametrize("method", META_METHODS)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_method_patches_a_meta_device_model(family, method, tmp_path):
+    """Large checkpoints are planned on the meta device (`moe-sft train --dry-run`): every
+    method patches such a model (added tensors on meta too) and reverts it."""
+    from moe_sft.methods.esft import save_selection
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config(family))
+    probe = moe_sft.patch_model(model)
+    layers = [m.layer_idx for m in probe.layers]
+    probe.revert()
+    save_selection(tmp_path / "sel.json", {i: [0, 1] for i in layers})
+    handle = moe_sft.patch_model(model, MoESFTConfig.from_dict(_meta_blocks(method, layers, str(tmp_path / "sel.json"))))
+    assert handle.extra_keys() or method in ("densemixer", "esft", "frozen_router", "lora")
+    assert all(t.is_meta for t in handle.extra_state_dict().values())
+    handle.revert()
+    assert moe_sft.get_handle(model) is None

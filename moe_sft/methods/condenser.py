@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from ..adapters import adapter_for
 from ..config import ConfigError
+from ..integrations.deepspeed import gathered
 from ..io import atomic_write_text
 from ..patching import MoELayer, PatchHandle, extend_patch, find_handle
 from ..plugins import Method, register_method
@@ -354,7 +355,7 @@ def _layer_usage(handle: PatchHandle, cc: CondensersConfig) -> dict[int, torch.T
                     f"{sorted(usage)} with {sorted({len(u) for u in usage.values()})} experts. Was it written for this model?"
                 )
         return usage
-    if _bias_layers(handle):
+    if _bias_layers(handle) and not handle.layers[0].controls.usage_total.is_meta:  # meta: no values yet
         usage = {m.layer_idx: m.controls.usage_total.double().cpu() for m in _bias_layers(handle)}
         if all(u.sum() > 0 for u in usage.values()):
             return usage
@@ -391,7 +392,13 @@ def _choose_experts(handle: PatchHandle, cc: CondensersConfig, usage: dict[int, 
         else:
             if not _bias_layers(handle):
                 raise ConfigError(f"condenser longtail_from: bias needs the router bias (condenser.bias.enabled): {hint}")
-            ranking = router_bias(handle)[m.layer_idx].detach().double().cpu()
+            bias = router_bias(handle)[m.layer_idx]
+            if bias.is_meta:
+                raise ConfigError(
+                    "condenser longtail_from: bias on a meta-device model (no values to rank): list "
+                    "condenser.condensers.experts, or choose them on the loaded phase-1 model"
+                )
+            ranking = bias.detach().double().cpu()
             if bool((ranking == ranking[0]).all()):
                 raise ConfigError(f"condenser longtail_from: bias, but layer {m.layer_idx}'s router bias is all equal (untrained): {hint}")
         out[m.layer_idx] = torch.argsort(ranking, stable=True)[: cc.num].tolist()
@@ -422,7 +429,7 @@ def _new_condenser_weights(block: nn.Module, ids: list[int], usage: torch.Tensor
     if usage is not None:
         ids = sorted(ids, key=lambda e: -float(usage[e]))
     gate_up, down = [], []
-    with torch.no_grad():
+    with torch.no_grad(), gathered([experts.gate_up_proj, experts.down_proj]):  # whole under ZeRO-3
         for j in range(r):
             share = ids[j::r] or ids  # fewer long-tail experts than r: reuse the whole tail
             w = usage[share].clone() if usage is not None else torch.ones(len(share), dtype=torch.float64)
@@ -459,6 +466,7 @@ def _install_condensers(handle: PatchHandle, cc: CondensersConfig) -> Condensers
         if cc.source == "longtail":
             ctl.claim("forced", "condenser.condensers")
             ctl.set_tensor("forced", torch.tensor(ids, dtype=torch.long, device=weight.device))
+            ctl.expert_ids["forced"] = list(ids)
             ctl.allow_overlap = cc.allow_overlap
             if cc.gate == "learned":
                 ctl.forced_weights = LearnedGate(weight.shape[1], r, weight.dtype, weight.device)

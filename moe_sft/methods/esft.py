@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..integrations.deepspeed import is_partitioned, layerwise_forward, shape
 from ..io import atomic_write_text
 from ..plugins import Method, PrepareContext, register_method
 
@@ -114,7 +115,8 @@ def esft_profile(model: nn.Module, batches: Iterable[dict], *, progress: bool = 
     model.eval()
     device = next(model.parameters()).device
     try:
-        with handle.observing(lambda i, routing, x, block: recorders[i](routing)):
+        # A ZeRO-3-partitioned model (partitioned loading) is gathered one module at a time.
+        with handle.observing(lambda i, routing, x, block: recorders[i](routing)), layerwise_forward(model):
             for batch in tqdm(batches, desc="ESFT profiling", disable=not progress):
                 ids = batch["input_ids"]
                 mask = batch.get("attention_mask")
@@ -217,24 +219,36 @@ def profile_and_select(model: nn.Module, batches: Iterable[dict], cfg: ESFTConfi
 
 
 # ---- 3. freezing --------------------------------------------------------------------------------
+def _numel(t: torch.Tensor) -> int:
+    return getattr(t, "ds_numel", t.numel())
+
+
 class ESFTState:
-    """The trainable expert slices of a patched model and the snapshot of the frozen ones."""
+    """The trainable expert slices of a patched model and the snapshot of the frozen ones.
+
+    The restore after each step undoes what touches elements without gradient (weight decay).
+    A parameter that is partitioned (ZeRO-3) or on the meta device has no values here to
+    snapshot: under DeepSpeed weight decay is refused, and Adam's update of an element whose
+    gradient was always masked to 0 is exactly 0, so its slices stay bit-identical anyway."""
 
     def __init__(self):
-        self.slices: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, frozen ids, snapshot)
+        self.slices: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]] = []  # (param, frozen ids, snapshot)
         self.trainable = 0
 
     def add(self, param: nn.Parameter, selected: list[int]) -> None:
-        E = param.shape[0]
-        frozen = torch.tensor([e for e in range(E) if e not in set(selected)], dtype=torch.long, device=param.device)
-        snapshot = param.detach()[frozen].to("cpu", copy=True)  # kept off the accelerator
+        dims = shape(param)
+        frozen = torch.tensor([e for e in range(dims[0]) if e not in set(selected)], dtype=torch.long)
+        snapshot = None
+        if not (is_partitioned(param) or param.is_meta):
+            frozen = frozen.to(param.device)
+            snapshot = param.detach()[frozen].to("cpu", copy=True)  # kept off the accelerator
         self.slices.append((param, frozen, snapshot))
-        self.trainable += param[0].numel() * len(selected)
+        self.trainable += dims[1:].numel() * len(selected)
 
     @torch.no_grad()
     def restore(self) -> None:
         for param, frozen, snapshot in self.slices:
-            if frozen.numel():
+            if snapshot is not None and frozen.numel() and not is_partitioned(param):
                 param.index_copy_(0, frozen, snapshot.to(param.device, param.dtype))
 
 
@@ -252,16 +266,19 @@ def _install(handle, cfg: ESFTConfig) -> ESFTState:
     hooks = []
     state = ESFTState()
 
-    # Everything frozen first; then re-enable what this config trains.
-    for p in model.parameters():
-        p.requires_grad_(cfg.train_non_expert_modules)
+    # Every stock parameter frozen first (what other methods added keeps its own setting, e.g.
+    # a MoE-Bias head); then re-enable what this config trains.
+    added = handle.extra_keys()
+    for name, p in model.named_parameters():
+        if name not in added:
+            p.requires_grad_(cfg.train_non_expert_modules)
     for m in handle.layers:
         experts = m.block.experts
         chosen = selection.get(m.layer_idx, [])
         for p in (experts.gate_up_proj, experts.down_proj):
             p.requires_grad_(bool(chosen))
             if chosen:
-                mask = torch.zeros(p.shape[0], 1, 1, device=p.device)
+                mask = torch.zeros(shape(p)[0], 1, 1, device=p.device)
                 mask[chosen] = 1.0
                 hooks.append(p.register_hook(_grad_mask_hook(mask)))
                 state.add(p, chosen)
@@ -269,17 +286,25 @@ def _install(handle, cfg: ESFTConfig) -> ESFTState:
             for p in shared.parameters():
                 p.requires_grad_(cfg.train_shared_experts)
     state.trainable += sum(
-        p.numel() for p in model.parameters() if p.requires_grad and not any(p is s[0] for s in state.slices)
+        _numel(p) for p in model.parameters() if p.requires_grad and not any(p is s[0] for s in state.slices)
     )
+    # With the embeddings frozen, the first layers' inputs carry no gradient; ZeRO-3 then never
+    # gathers their (partitioned) weights for the backward the trainable experts need, so the
+    # embedding output is made to require grad (what PEFT does for the same reason).
+    frozen_inputs = not cfg.train_non_expert_modules and hasattr(model, "enable_input_require_grads")
+    if frozen_inputs:
+        model.enable_input_require_grads()
 
     def undo():
         for h in hooks:
             h.remove()
+        if frozen_inputs:
+            model.disable_input_require_grads()
         for p, flag in before.items():
             p.requires_grad_(flag)
 
     handle.add_undo(undo)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     logger.info(
         "moe_sft: ESFT-%s trains %d experts in %d layers: %d of %d parameters (%.2f%%)",
         cfg.score,

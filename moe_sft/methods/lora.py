@@ -19,7 +19,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..checkpoint import TENSORS_NAME, load_extra_tensors
@@ -217,11 +216,6 @@ class Lora(Method):
             )
         if config.frozen_router is not None and cfg.router:
             raise ConfigError("lora.router=true adapts the router while frozen_router freezes it; drop one of them")
-        if launch is not None and launch.zero_stage == 3:
-            raise ConfigError(
-                "lora with ZeRO-3 is not supported yet (the adapter save reads live, partitioned parameters); use "
-                "configs/deepspeed/zero2.json or no deepspeed"
-            )
 
     def apply(self, handle, block: LoraBlockConfig) -> frozenset[str]:
         """Check the family; the adapters themselves are added by `wrap` / `get_peft_model`.

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
@@ -49,6 +48,7 @@ from transformers.utils import ModelOutput
 from ..adapters import PatchError
 from ..config import ConfigError, config_class
 from ..integrations import trl as trl_fused
+from ..integrations.deepspeed import shape
 from ..io import atomic_directory
 from ..patching import PatchHandle, get_handle, patch_model
 from ..plugins import Method, register_method
@@ -367,12 +367,12 @@ def _install(handle: PatchHandle, cfg: MoEBiasHeadConfig) -> MoEBiasHead:
         raise PatchError(f"{type(model).__name__} already has a `moe_bias_head` attribute; revert the patch first")
     lm_head = model.get_output_embeddings()
     weight = getattr(lm_head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or len(shape(weight)) != 2:
         raise PatchError(
             f"{type(model).__name__}: the MoE-Bias head needs an output embedding with a (vocab, hidden) weight; "
             f"get_output_embeddings() returned {type(lm_head).__name__}"
         )
-    vocab, hidden = weight.shape
+    vocab, hidden = shape(weight)  # partitioned under ZeRO-3 loading: its real shape
     head = MoEBiasHead(
         hidden,
         vocab,
@@ -554,12 +554,11 @@ def load_moe_bias_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> M
             f"the MOE_BIAS_* environment variables would change the config of the adapter in {adapter_dir} "
             f"({cfg}); unset them to load it"
         )
-    lm_weight = model.get_output_embeddings().weight
-    if (lm_weight.shape[1], lm_weight.shape[0]) != (meta["hidden_size"], meta["vocab_size"]):
+    vocab, hidden = shape(model.get_output_embeddings().weight)
+    if (hidden, vocab) != (meta["hidden_size"], meta["vocab_size"]):
         raise ConfigError(
             f"adapter {adapter_dir} was trained for hidden_size={meta['hidden_size']}, vocab_size={meta['vocab_size']} "
-            f"({meta['model_type']}); this {type(model).__name__} has hidden_size={lm_weight.shape[1]}, "
-            f"vocab_size={lm_weight.shape[0]}"
+            f"({meta['model_type']}); this {type(model).__name__} has hidden_size={hidden}, vocab_size={vocab}"
         )
 
     handle = get_handle(model)

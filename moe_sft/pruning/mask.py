@@ -76,7 +76,7 @@ def masked(model, selection: Selection):
     handle = get_handle(model)
     own_patch = handle is None
     old_config = handle.config if handle is not None else None
-    old = {m.layer_idx: m.controls.disabled for m in handle.layers} if handle is not None else {}
+    old = {m.layer_idx: (m.controls.disabled, m.controls.expert_ids.get("disabled")) for m in handle.layers} if handle is not None else {}
     handle = apply_mask(model, selection)
     try:
         yield handle
@@ -86,11 +86,14 @@ def masked(model, selection: Selection):
         else:
             handle.config = old_config
             for m in handle.layers:
-                if old[m.layer_idx] is None:
+                tensor, ids = old[m.layer_idx]
+                if tensor is None:
                     del m.controls.disabled  # drop the buffer ...
                     m.controls.disabled = None  # ... and leave the extension point unset
+                    m.controls.expert_ids.pop("disabled", None)
                 else:
-                    m.controls.set_tensor("disabled", old[m.layer_idx])
+                    m.controls.set_tensor("disabled", tensor)
+                    m.controls.expert_ids["disabled"] = ids
             handle.refresh_extra_keys()
 
 

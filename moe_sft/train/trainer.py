@@ -4,9 +4,10 @@ Order matters:
 1. everything that can be wrong with the input (config, DeepSpeed JSON, the method blocks
    against the launch, the output folder, every data record) is checked before any weight
    is loaded;
-2. the model is loaded, each method prepares on it (ESFT profiles the training data), it is
-   patched, and wrapped where a method says so (LoRA); DeepSpeed partitions it when the
-   Trainer initialises it;
+2. the model is loaded (under ZeRO-3 partitioned as it loads: TrainingArguments, and with
+   it transformers' DeepSpeed config, exist first), each method prepares on it (ESFT profiles
+   the training data, one module gathered at a time), it is patched, and wrapped where a
+   method says so (LoRA);
 3. a plain `transformers.Trainer` trains it with `moe_sft.MoESFTCallback` (the same callback
    users add to their own Trainer / TRL scripts): per-step method work, expert-load logging,
    patched checkpoints, exact resume;
@@ -31,6 +32,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..config import ConfigError, config_class
+from ..integrations.deepspeed import is_partitioned, unpartitioned_init
 from ..integrations.hf_trainer import MoESFTCallback
 from ..io import atomic_directory
 from ..patching import extend_patch, find_handle, patch_model
@@ -115,7 +117,8 @@ def load_model(cfg: TrainConfig, dataset: SFTDataset, resuming: bool = False):
         from ..testing import tiny_model
 
         dtype = torch.float32 if m.dtype == "auto" else _dtype(m.dtype)
-        model = tiny_model(m.tiny, seed=m.seed, experts_implementation=m.experts_implementation, dtype=dtype)
+        with unpartitioned_init():  # the same random start with and without ZeRO-3
+            model = tiny_model(m.tiny, seed=m.seed, experts_implementation=m.experts_implementation, dtype=dtype)
     elif Path(m.path).is_dir() and read_saved_config(m.path) is not None:
         model = from_pretrained(m.path, **_load_kwargs(cfg))
         handle = find_handle(model)
@@ -127,6 +130,8 @@ def load_model(cfg: TrainConfig, dataset: SFTDataset, resuming: bool = False):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(m.path, **_load_kwargs(cfg))
+    if any(is_partitioned(p) for p in model.parameters()):
+        logger.info("moe_sft: %s loaded partitioned (ZeRO-3 zero.Init): this rank holds its slice only", m.path)
     return model, patch_model(model, _prepare(model, cfg, dataset, resuming))
 
 
@@ -193,6 +198,17 @@ def _check_output_dir(cfg: TrainConfig, resuming: bool, overwrite: bool) -> None
         logger.warning("--overwrite: removed the previous run's outputs in %s", cfg.output_dir)
 
 
+def load_launch_config(cfg: TrainConfig) -> dict | None:
+    """The run's DeepSpeed config (None without one), checked for what moe-sft train needs."""
+    ds_config = ds_glue.load_config(resolve_path(cfg, cfg.deepspeed)) if cfg.deepspeed else None
+    if ds_glue.zero_stage(ds_config) == 3 and not ds_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
+        raise ConfigError(
+            f"{cfg.deepspeed}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: true so the "
+            "final model can be gathered and saved as safetensors"
+        )
+    return ds_config
+
+
 def launch_of(cfg: TrainConfig, ds_config: dict | None) -> Launch:
     zero = (ds_config or {}).get("zero_optimization", {})
     offloaded = lambda key: zero.get(key, {}).get("device", "none") not in (None, "none")  # noqa: E731
@@ -224,12 +240,7 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
 
     # DeepSpeed calls deprecated torch.distributed collectives on every step; one warning each is noise.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    ds_config = ds_glue.load_config(resolve_path(cfg, cfg.deepspeed)) if cfg.deepspeed else None
-    if ds_glue.zero_stage(ds_config) == 3 and not ds_config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
-        raise ConfigError(
-            f"{cfg.deepspeed}: ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: true so the "
-            "final model can be gathered and saved as safetensors"
-        )
+    ds_config = load_launch_config(cfg)
     check_config(cfg.methods, launch_of(cfg, ds_config))
     resume_from = _resume_path(cfg, resume)
     _check_output_dir(cfg, resume_from is not None, overwrite)
@@ -237,13 +248,15 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
     dataset = build_dataset(tokenizer, cfg.data, lambda name: resolve_path(cfg, name))
 
     ds_config, extra_args = ds_glue.prepare(ds_config, cfg.training)
+    training = {k: v for k, v in cfg.training.items() if k != "resume_from_checkpoint"}
+    # Before the model: with a ZeRO-3 config this turns on transformers' partitioned loading
+    # (deepspeed.zero.Init), so no rank but the reading one holds the whole model.
+    args = TrainingArguments(**training, deepspeed=ds_config, resume_from_checkpoint=resume_from, **extra_args)
     model, handle = load_model(cfg, dataset, resuming=resume_from is not None)
     model.config.use_cache = False
     for method, _block in handle.methods():
         model = method.wrap(model, handle, handle.state.get(method.name))
 
-    training = {k: v for k, v in cfg.training.items() if k != "resume_from_checkpoint"}
-    args = TrainingArguments(**training, deepspeed=ds_config, resume_from_checkpoint=resume_from, **extra_args)
     trainer = Trainer(
         model=model,
         args=args,
@@ -259,6 +272,20 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
     return cfg.final_dir
 
 
+def recipe_phases(path: str | Path, overrides: list[str] | None = None) -> list[TrainConfig]:
+    """The YAML at `path` and each YAML its `then:` chain names, each starting from the previous
+    phase's final model; overrides apply to the first (`deepspeed=` to every phase: it is the
+    launch's)."""
+    phases = [load_train_config(path, overrides)]
+    launch = [o for o in overrides or [] if o.split("=", 1)[0].strip() == "deepspeed"]
+    while phases[-1].then is not None:
+        nxt = resolve_path(phases[-1], phases[-1].then)
+        if any(nxt.resolve() == p.source.resolve() for p in phases):
+            raise ConfigError(f"then: {phases[-1].then} forms a cycle")
+        phases.append(load_train_config(nxt, _start_from(phases[-1].final_dir) + launch))
+    return phases
+
+
 def run_recipe(
     path: str | Path,
     overrides: list[str] | None = None,
@@ -267,16 +294,11 @@ def run_recipe(
     overwrite: bool = False,
 ) -> list[Path]:
     """Train the YAML at `path`, then each YAML its `then:` names, each starting from the
-    previous phase's final model. Overrides apply to the first phase; `callbacks` (extra
-    Trainer callbacks) and --overwrite to every phase. With --resume, a phase whose final
+    previous phase's final model. Overrides apply to the first phase (`deepspeed=` to every
+    phase: it is the launch's); `callbacks` (extra Trainer callbacks) and --overwrite to every
+    phase. With --resume, a phase whose final
     model exists is skipped and the first unfinished one continues from its checkpoints."""
-    # Every phase's YAML is validated before the first one starts.
-    phases = [load_train_config(path, overrides)]
-    while phases[-1].then is not None:
-        nxt = resolve_path(phases[-1], phases[-1].then)
-        if any(nxt.resolve() == p.source.resolve() for p in phases):
-            raise ConfigError(f"then: {phases[-1].then} forms a cycle")
-        phases.append(load_train_config(nxt, _start_from(phases[-1].final_dir)))
+    phases = recipe_phases(path, overrides)  # every phase's YAML is validated before the first one starts
     if not (resume or overwrite):
         for cfg in phases:
             _check_output_dir(cfg, False, False)
