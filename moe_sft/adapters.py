@@ -158,6 +158,7 @@ class FamilyAdapter:
 
         def shape(t: torch.Tensor) -> torch.Size:
             # DeepSpeed ZeRO-3 (zero.Init) partitions parameters to size 0; ds_shape is the real one.
+            # A DTensor (FSDP2, expert/tensor parallelism) reports its global shape, not its shard's.
             return getattr(t, "ds_shape", t.shape)
 
         gate = getattr(block, "gate", None)
@@ -171,8 +172,10 @@ class FamilyAdapter:
             fail("`.gate.weight` (num_experts, hidden) is missing")
         if experts is None:
             fail("no fused experts at `.experts`")
-        if type(experts).__name__ != self.experts_class_name:
-            fail(f"`.experts` is a {type(experts).__name__}, expected {self.experts_class_name}")
+        # isinstance, not the class name: FSDP2's fully_shard swaps in a subclass (FSDP<name>),
+        # expert parallelism replaces the instance's forward and makes the tensors DTensors.
+        if not isinstance(experts, self._cls(self.experts_class_name)):
+            fail(f"`.experts` is a {type(experts).__name__}, expected {self.experts_class_name} (or a subclass)")
         for name, ndim in (("gate_up_proj", 3), ("down_proj", 3)):
             p = getattr(experts, name, None)
             if not isinstance(p, torch.Tensor) or len(shape(p)) != ndim:

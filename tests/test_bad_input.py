@@ -130,6 +130,7 @@ CASES: list[Case] = [
     Case("train-unknown-training-key", train("training.learnin_rate=1e-3"), (r"training\.learnin_rate",)),
     Case("train-reserved-training-key", train("training.deepspeed=z.json"), (r"training\.deepspeed",)),
     Case("train-ill-typed-training-value", train("training.max_steps=ten"), (r"training\.max_steps", r"ten")),
+    Case("train-yaml-no-as-boolean", train("training.save_strategy=no"), (r"training\.save_strategy", r"quote")),
     Case("train-path-and-tiny", train("model.path={tmp}/m"), (r"model", r"exactly one of")),
     Case("train-bad-dtype", train("model.dtype=fp33"), (r"model\.dtype", r"fp33")),
     Case("train-no-output-dir", ("train", TINY_TRAIN, "training.output_dir=null"), (r"training\.output_dir",)),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ConfigError, _coerce, apply_overrides, config_class, from_dict, load_yaml
+from .parallel import ParallelConfig
 
 
 @dataclasses.dataclass
@@ -203,6 +204,7 @@ class TrainConfig:
     training: dict[str, Any]
     methods: Any = dataclasses.field(default_factory=lambda: config_class()())  # a MoESFTConfig
     deepspeed: str | None = None
+    parallel: ParallelConfig | None = None  # expert / tensor / FSDP2 parallelism (moe_sft.train.parallel)
     then: str | None = None
     source: Path | None = None  # the YAML this was read from (relative paths resolve against it)
 
@@ -217,7 +219,7 @@ class TrainConfig:
 
 
 # Keys of the YAML that are not MoESFTConfig method blocks.
-_OWN_KEYS = ("model", "data", "training", "deepspeed", "then")
+_OWN_KEYS = ("model", "data", "training", "deepspeed", "parallel", "then")
 # TrainingArguments fields that the YAML sets elsewhere or that moe_sft sets itself.
 _RESERVED_TRAINING = {
     "deepspeed": "set `deepspeed:` at the top level of the YAML",
@@ -254,6 +256,11 @@ def validate_training(training: dict) -> dict:
             raise ConfigError(f"training.{key}: not allowed here; {why}")
     if not training.get("output_dir"):
         raise ConfigError("training.output_dir is required (checkpoints, logs and the final model go there)")
+    for k, v in training.items():
+        accepts = typing.get_args(types_[k]) or (types_[k],)
+        if isinstance(v, bool) and bool not in accepts and any(a is str or isinstance(a, type) and issubclass(a, str) for a in accepts):
+            # YAML 1.1 reads the words no/yes/off/on as booleans; these fields take words.
+            raise ConfigError(f"training.{k}: got {str(v).lower()} (YAML reads no/yes/off/on as booleans); quote the word, e.g. {k}: 'no'")
     return {k: _coerce(v, types_[k], f"training.{k}") for k, v in training.items()}
 
 
@@ -281,6 +288,7 @@ def parse_train_config(data: dict, source: Path | None = None) -> TrainConfig:
         training=validate_training(data["training"]),
         methods=from_dict(config_class(), {k: data[k] for k in methods if k in data}),
         deepspeed=data.get("deepspeed"),
+        parallel=_coerce(data.get("parallel"), ParallelConfig | None, "parallel"),
         then=data.get("then"),
         source=source,
     )

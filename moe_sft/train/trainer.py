@@ -39,6 +39,7 @@ from ..patching import extend_patch, find_handle, patch_model
 from ..plugins import Launch, Method, PrepareContext, check_config, enabled_methods
 from ..pretrained import from_pretrained, read_saved_config
 from . import deepspeed as ds_glue
+from . import parallel
 from .config import TrainConfig, load_train_config, resolve_path
 from .data import SFTCollator, SFTDataset, build_dataset
 
@@ -108,6 +109,24 @@ def _prepare(model, cfg: TrainConfig, dataset: SFTDataset, resuming: bool):
     return dataclasses.replace(methods, **changes)
 
 
+def _from_checkpoint(cfg: TrainConfig, load):
+    """`load(model.path)`, or under a `parallel:` block the model sharded as transformers loads it."""
+    if cfg.parallel is not None:
+        return parallel.load_model(cfg.model.path, cfg.parallel, cfg.methods, **_load_kwargs(cfg))
+    return load(cfg.model.path, **_load_kwargs(cfg))
+
+
+def _model_config(cfg: TrainConfig):
+    """The model's config.json values, without its weights."""
+    if cfg.model.tiny is not None:
+        from ..testing import tiny_config
+
+        return tiny_config(cfg.model.tiny)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(cfg.model.path)
+
+
 def load_model(cfg: TrainConfig, dataset: SFTDataset, resuming: bool = False):
     """(model, handle): the model patched with the YAML's blocks. A checkpoint saved by
     moe_sft is restored with its saved config; YAML blocks then change it in place where the
@@ -119,8 +138,10 @@ def load_model(cfg: TrainConfig, dataset: SFTDataset, resuming: bool = False):
         dtype = torch.float32 if m.dtype == "auto" else _dtype(m.dtype)
         with unpartitioned_init():  # the same random start with and without ZeRO-3
             model = tiny_model(m.tiny, seed=m.seed, experts_implementation=m.experts_implementation, dtype=dtype)
+        if cfg.parallel is not None:  # sharded as transformers loads it (from its state dict)
+            model = parallel.load_model(model, cfg.parallel, cfg.methods, dtype=dtype)
     elif Path(m.path).is_dir() and read_saved_config(m.path) is not None:
-        model = from_pretrained(m.path, **_load_kwargs(cfg))
+        model = _from_checkpoint(cfg, from_pretrained)
         handle = find_handle(model)
         if cfg.methods != config_class()():
             with handle.stock_config():
@@ -129,7 +150,7 @@ def load_model(cfg: TrainConfig, dataset: SFTDataset, resuming: bool = False):
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(m.path, **_load_kwargs(cfg))
+        model = _from_checkpoint(cfg, AutoModelForCausalLM.from_pretrained)
     if any(is_partitioned(p) for p in model.parameters()):
         logger.info("moe_sft: %s loaded partitioned (ZeRO-3 zero.Init): this rank holds its slice only", m.path)
     return model, patch_model(model, _prepare(model, cfg, dataset, resuming))
@@ -218,6 +239,7 @@ def launch_of(cfg: TrainConfig, ds_config: dict | None) -> Launch:
         offload_param=offloaded("offload_param"),
         world_size=ds_glue.distributed_world_size(),
         weight_decay=float(cfg.training.get("weight_decay", 0.0) or 0.0),
+        expert_parallel=cfg.parallel.ep_size if cfg.parallel is not None else 1,
     )
 
 
@@ -243,6 +265,10 @@ def train(cfg: TrainConfig, resume=None, callbacks: tuple[TrainerCallback, ...] 
     ds_config = load_launch_config(cfg)
     check_config(cfg.methods, launch_of(cfg, ds_config))
     resume_from = _resume_path(cfg, resume)
+    if cfg.parallel is not None:  # resolved for the launcher's world size, every check before loading
+        resolved = parallel.check_job(cfg.parallel, _model_config(cfg), cfg.methods, deepspeed=cfg.deepspeed,
+                                      training=cfg.training, resuming=resume_from is not None)  # fmt: skip
+        cfg = dataclasses.replace(cfg, parallel=resolved)
     _check_output_dir(cfg, resume_from is not None, overwrite)
     tokenizer = load_tokenizer(cfg)
     dataset = build_dataset(tokenizer, cfg.data, lambda name: resolve_path(cfg, name))
