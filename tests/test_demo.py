@@ -1,10 +1,17 @@
-"""`moe-sft demo --quick` end to end, and the honesty of its corpus, tokenizer and metric."""
+"""`moe-sft demo --quick` end to end: its report, its reproducibility (same seed, CPU load), the
+pruning-after-fine-tuning step it reports, and the honesty of its corpus, tokenizer and metric."""
 
+import dataclasses
 import json
 import math
+import os
 import random
+import resource
 import string
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,82 +19,197 @@ import yaml
 
 from moe_sft.cli import main
 from moe_sft.demo import corpus
-from moe_sft.demo.run import METHODS, exact_match
+from moe_sft.demo import evaluate as ev
+from moe_sft.demo.report import claim
+from moe_sft.demo.run import METHODS, QUICK, Arm, arm_yaml, texts
+from moe_sft.demo.stats import exceeds_noise, mean_std
 from moe_sft.train import load_train_config
-from moe_sft.train.data import IGNORE_INDEX, Record, encode_record
 from moe_sft.train.config import DataConfig
+from moe_sft.train.data import IGNORE_INDEX, Record, encode_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
+UNTIMED = ("timing", "machine")  # the only sections allowed to differ between runs
+
+
+def _quick(out, *extra):
+    assert main(["demo", "--quick", "--out", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    _quick(out)
     return out
 
 
-def _numbers(x):
+@pytest.fixture(scope="module")
+def report(quick):
+    return json.loads((quick / "results.json").read_text())
+
+
+def _numbers(report):
+    return {k: v for k, v in report.items() if k not in UNTIMED}
+
+
+def _walk(x):
     if isinstance(x, dict):
         for v in x.values():
-            yield from _numbers(v)
+            yield from _walk(v)
     elif isinstance(x, (list, tuple)):
         for v in x:
-            yield from _numbers(v)
+            yield from _walk(v)
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
         yield x
 
 
-def test_quick_run_writes_table_and_plots(quick):
-    report = json.loads((quick / "results.json").read_text())
-    assert list(report["methods"]) == list(METHODS)
-    methods = [r["method"] for r in report["table"]]
-    assert methods[1:] == list(METHODS) and methods[0].startswith("pre-trained")
-    for row in report["table"][1:]:
-        for key in ("target_acc", "rare_acc", "other_acc", "usage_entropy", "median_step_ms"):
-            assert math.isfinite(row[key]), (row["method"], key)
-        assert 0 <= row["target_acc"] <= 1 and 0 <= row["usage_entropy"] <= 1 and row["median_step_ms"] > 0
-        assert row["steps"] == report["settings"]["finetune_steps"]  # every method trains as long
-    assert all(math.isfinite(v) for v in _numbers(report))
+# ---- the report ------------------------------------------------------------------------------
+def test_quick_run_writes_report_and_plots(quick, report):
+    names = [a.name for a in METHODS]
+    s = report["settings"]
+    assert s["methods"] == names and list(report["methods"]) == names and list(report["summary"]) == names
+    for arm, runs in report["methods"].items():
+        assert [r["seed"] for r in runs] == s["finetune_seeds"] == [0, 1]
+        for r in runs:
+            assert r["steps"] == s["finetune_steps"], arm  # every arm trains as long, phases included
+            assert 0 <= r["usage_entropy"] <= 1 and set(r["accuracy"]) == set(corpus.SKILL_NAMES)
+            assert len(r["random"]) == s["prune_seeds"]
+        for key in ("target", "rare", "other", "all", "tail_rare", "random_rare", "tail_all", "random_all"):
+            m = report["summary"][arm][key]
+            assert m["n"] == 2 and 0 <= m["mean"] <= 1 and m["std"] >= 0, (arm, key)
+    assert report["pretrain"]["steps"] == s["pretrain_steps"]
+    assert all(math.isfinite(v) for v in _walk(report))
+    assert report["claim"]["subject"] == "condenser" and report["claim"]["tail_loss_rare"]["verdict"]
     md = (quick / "results.md").read_text()
-    for method in METHODS:
-        assert f"| {method} |" in md
-    for name in ("least used", "random", "most used"):
-        assert f"| {name}" in md
-    assert len(report["pruning"]["accuracy"]["random"]) == len(report["settings"]["prune_seeds"])
-    for png in ("methods.png", "skills.png", "pruning.png", "profile/usage_heatmap.png", "finetune/vanilla/expert_load.png"):
+    for arm in names:
+        assert md.count(f"| {arm} |") == 2, arm  # fine-tuning table and pruning table
+    for text in ("Noise rule", "load average", "optimizer steps", "Wall time", "Claim:", report["machine"]["cpu"]):
+        assert text in md, text
+    for png in ("methods.png", "pruning.png", "routing.png", "skills.png", "profile/usage_heatmap.png",
+                "finetune/vanilla/seed0/expert_load.png"):  # fmt: skip
         assert (quick / png).read_bytes()[:8] == PNG, png
     assert json.loads((quick / "demo.json").read_text())["status"] == "done"
 
 
-def test_methods_ran_through_train_recipes(quick):
-    # Every method's YAML is a valid `moe-sft train` config and produced a patched checkpoint
-    # with that method's blocks; the condenser ran phase 1 then phase 2 (`then:`).
-    for method, blocks in METHODS.items():
-        name = "condenser_phase1" if method == "condenser" else method
-        cfg = load_train_config(quick / "configs" / f"{name}.yaml")
-        assert cfg.model.path == str(quick / "pretrained")
-        saved = json.loads((quick / "finetune" / method / "final" / "moe_sft_config.json").read_text())
-        for key in blocks:
-            assert saved.get(key) is not None, (method, key, saved)
-    phase2 = json.loads((quick / "finetune" / "condenser" / "final" / "moe_sft_config.json").read_text())
+def test_seeds_change_the_fine_tuning(report):
+    # The reproducibility tests below compare real numbers: the seeds do change them.
+    for arm in ("vanilla", "densemixer"):
+        a, b = report["methods"][arm]
+        assert a["usage_entropy"] != b["usage_entropy"], arm
+
+
+def test_arms_ran_through_train_recipes(quick, report):
+    # Every arm's YAMLs are valid `moe-sft train` configs, chained by `then:`, and produced a
+    # patched checkpoint with that arm's blocks; the condenser ran phase 1, then phase 2.
+    for arm in METHODS:
+        for seed in report["settings"]["finetune_seeds"]:
+            cfg = load_train_config(quick / "configs" / arm.name / f"seed{seed}.yaml")
+            assert cfg.model.path == str(quick / "pretrained") and cfg.training["seed"] == seed
+            saved = json.loads((quick / "finetune" / arm.name / f"seed{seed}" / "final" / "moe_sft_config.json").read_text())
+            for key in arm.phases[-1]:
+                assert saved.get(key) is not None, (arm.name, key, saved)
+    phase2 = json.loads((quick / "finetune" / "condenser" / "seed0" / "final" / "moe_sft_config.json").read_text())
     assert phase2["condenser"]["condensers"]["num"] == 1
-    assert (quick / "finetune" / "condenser_phase1" / "final" / "moe_sft_config.json").is_file()
-    assert yaml.safe_load((quick / "configs" / "condenser_phase1.yaml").read_text())["then"].endswith("condenser_phase2.yaml")
+    assert (quick / "finetune" / "condenser" / "seed0_phase1" / "final" / "moe_sft_config.json").is_file()
+    first = yaml.safe_load((quick / "configs" / "condenser" / "seed0.yaml").read_text())
+    assert first["then"].endswith("condenser/seed0_phase2.yaml")
     # the pre-trained base is a stock checkpoint (no moe_sft files), loadable by transformers alone
     assert not (quick / "pretrained" / "moe_sft_config.json").exists()
 
 
-def test_held_out_questions_never_trained_on(quick):
-    report = json.loads((quick / "results.json").read_text())
+def test_an_arm_is_data(tmp_path):
+    # A new arm is one METHODS entry: a three-phase arm gets three chained YAMLs whose steps add up.
+    arm = Arm("three", ({"condenser": {}}, {}, {"moe_bias_head": {}}))
+    s = dataclasses.replace(QUICK, finetune_steps=10)
+    first = arm_yaml(arm, str(tmp_path / "base"), str(tmp_path / "d.jsonl"), tmp_path, s, seed=5)
+    chain, path = [], first
+    while path is not None:
+        data = yaml.safe_load(path.read_text())
+        chain.append(data)
+        path = Path(data["then"]) if "then" in data else None
+    assert [c["training"]["max_steps"] for c in chain] == [4, 3, 3]
+    assert [c["training"]["seed"] for c in chain] == [5, 5, 5]
+    assert "condenser" in chain[0] and "moe_bias_head" in chain[2]
+    assert chain[1]["model"]["path"] == chain[0]["training"]["output_dir"] + "/final"
+    assert chain[2]["training"]["output_dir"].endswith("three/seed5")
+
+
+def test_long_tail_masked_is_the_fine_tuned_models_own(quick, report):
+    # The pruning-after-fine-tuning step masks the least-used experts of a profile of that
+    # fine-tuned model (moe_sft.pruning), never an always-active condenser, and the random
+    # control masks as many experts per layer.
+    from moe_sft import from_pretrained
+    from moe_sft.pruning import select_experts
+
     s = report["settings"]
-    evalset = corpus.eval_set(s["eval_per_skill"], seed=s["seed"] + 100)
-    held = {q for pairs in evalset.values() for q, _ in pairs}
-    for f in (quick / "data").glob("*.jsonl"):
-        questions = {json.loads(line)["messages"][0]["content"] for line in f.read_text().splitlines()}
-        assert questions and not questions & held, f
+    profile_texts = texts(corpus.sample(s["profile_texts"], s["seed"] + 1))
+    tok = corpus.tokenizer()
+    for arm in ("vanilla", "condenser"):
+        run = report["methods"][arm][1]
+        model = from_pretrained(quick / "finetune" / arm / "seed1" / "final")
+        keep = ev.always_active(model)
+        assert bool(keep) == (arm == "condenser")
+        prof = ev.profile(model, tok, profile_texts)
+        expect = select_experts(prof, "least_used", ratio=s["prune_ratio"], exclude=keep)
+        assert run["tail"]["experts"] == {str(k): v for k, v in expect.items()}
+        for layer, ids in run["tail"]["experts"].items():
+            assert not set(ids) & set(keep.get(int(layer), []))
+            for r in run["random"]:
+                assert len(r["experts"][layer]) == len(ids) and not set(r["experts"][layer]) & set(keep.get(int(layer), []))
 
 
+# ---- reproducibility -------------------------------------------------------------------------
+def test_same_seed_gives_identical_numbers(tmp_path, report):
+    again = _quick(tmp_path / "again")
+    assert _numbers(again) == _numbers(report)
+
+
+def test_same_numbers_under_cpu_load(tmp_path, report):
+    # one busy-loop process per core competes with the demo for the whole run
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        loaded = _quick(tmp_path / "loaded", "--threads", "1")
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    burnt = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before  # CPU seconds the busy loops took
+    assert burnt > 2 * len(busy), burnt  # the load was there
+    assert _numbers(loaded) == _numbers(report)
+
+
+# ---- statistics and the claim's verdict -----------------------------------------------------
+def test_mean_std_and_noise_rule():
+    m = mean_std([0.1, 0.2, 0.3])
+    assert m["mean"] == pytest.approx(0.2) and m["std"] == pytest.approx(0.1) and m["n"] == 3
+    assert mean_std([0.4]) == {"mean": 0.4, "std": 0.0, "n": 1}
+    a, b = mean_std([0.50, 0.52, 0.48]), mean_std([0.40, 0.42, 0.38])
+    # |0.10| against 2 * sqrt(0.02^2/3 + 0.02^2/3) = 0.0327
+    assert exceeds_noise(a, b) is True
+    assert exceeds_noise(a, mean_std([0.47, 0.52, 0.50])) is False
+    assert exceeds_noise(a, mean_std([0.1])) is None  # one seed: no noise estimate
+
+
+def _summary(**tail_loss_rare):
+    return {arm: {"tail_loss_rare": mean_std(v), "tail_loss_all": mean_std([0.0, 0.0, 0.0])} for arm, v in tail_loss_rare.items()}
+
+
+@pytest.mark.parametrize("condenser, verdict", [
+    ([0.01, 0.02, 0.00], "supported"),  # loses less than both, beyond the noise
+    ([0.30, 0.31, 0.29], "contradicted"),  # loses more than both
+    ([0.10, 0.30, 0.15], "within noise"),
+    ([0.01], "no noise estimate"),
+])  # fmt: skip
+def test_claim_verdict(condenser, verdict):
+    c = claim(_summary(condenser=condenser, densemixer=[0.2, 0.21, 0.19], esft=[0.15, 0.16, 0.14], vanilla=[0.5, 0.5, 0.5]))
+    assert c["rivals"] == ["densemixer", "esft"]
+    assert c["tail_loss_rare"]["verdict"] == verdict
+    assert c["tail_loss_all"]["verdict"] in ("within noise", "no noise estimate")  # equal losses
+    assert claim(_summary(vanilla=[0.1, 0.2])) is None  # no condenser arm: no claim to test
+
+
+# ---- corpus, tokenizer, metric ---------------------------------------------------------------
 def test_skill_frequencies_are_zipf_long_tailed():
     w = corpus.skill_weights()
     assert list(w) == list(corpus.SKILL_NAMES) and sum(w.values()) == pytest.approx(1)
@@ -156,7 +278,7 @@ def test_exact_match_equals_greedy_generation(quick):
     from transformers import AutoModelForCausalLM
 
     tok = corpus.tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(quick / "finetune" / "vanilla" / "final").eval()
+    model = AutoModelForCausalLM.from_pretrained(quick / "finetune" / "vanilla" / "seed0" / "final").eval()
     pairs = [p for name in corpus.SKILL_NAMES for p in corpus.eval_set(4, seed=11)[name]]
     # include, for each question, the model's own greedy output as a gold answer, so both
     # verdicts occur whatever the model learned
@@ -169,7 +291,7 @@ def test_exact_match_equals_greedy_generation(quick):
         new = out[0, ids.shape[1] :].tolist()
         greedy.append(tok.decode(new[:-1]) if new and new[-1] == tok.eos_token_id else None)
     golds = [(q, a) for q, a in pairs] + [(q, g) for (q, _), g in zip(pairs, greedy) if g]
-    verdicts = exact_match(model, tok, golds)
+    verdicts = ev.exact_match(model, tok, golds)
     expected = [g == a for g, (_, a) in zip(greedy, pairs)] + [True] * sum(1 for g in greedy if g)
     assert verdicts == expected
     assert any(verdicts) and not all(verdicts)

@@ -4,7 +4,9 @@ Each example is a question and its answer, e.g. `A 47+85` -> `132`. As a chat re
 ({"messages": [user, assistant]}) the demo tokenizer's template renders it as
 `<s>A 47+85=132</s>`; only `132</s>` carries labels. Skill i (0-based, in SKILLS order) is
 drawn with probability (i+1)^-ZIPF_S / sum_j (j+1)^-ZIPF_S, so a few skills dominate and
-the last ones are rare: routing specialises and some experts end up rarely used.
+the last ones are rare. The three letter skills come last: the rarest skills have inputs of
+their own, so routing gives them rarely used experts of their own (the demo's long tail; the
+recipe experiments are in docs/demo.md).
 """
 
 from __future__ import annotations
@@ -77,15 +79,15 @@ def _count(rng):
     return s, str(len(s))
 
 
-# Most frequent first.
+# Most frequent first; the letter skills (reverse, next_letter, count) are the rarest.
 SKILLS: tuple[Skill, ...] = (
     Skill("copy", "C", _copy),
     Skill("add", "A", _add),
-    Skill("reverse", "R", _reverse),
     Skill("max", "M", _max),
     Skill("sort", "S", _sort),
     Skill("sub", "D", _sub),
     Skill("mul", "X", _mul),
+    Skill("reverse", "R", _reverse),
     Skill("next_letter", "N", _next_letter),
     Skill("count", "K", _count),
 )

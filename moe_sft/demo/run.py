@@ -1,20 +1,23 @@
-"""`moe-sft demo`: the whole project on a laptop CPU in a few minutes, nothing downloaded.
+"""`moe-sft demo`: the whole project as a small study on a CPU in a few minutes, nothing downloaded.
 
-1. a small Qwen3-MoE (hidden 128, 2 layers, 16 experts, top-2) and a character-level tokenizer;
+1. a small Qwen3-MoE (`MODEL`) and a character-level tokenizer;
 2. pre-training on the synthetic nine-skill corpus (`corpus.py`, Zipf frequencies) for a fixed
-   wall-time budget (AdamW, lr 3e-3, cosine over the budget), saved as a checkpoint;
-3. expert profiling (heatmap) and a pruning comparison at 25%: least-used vs random (several
-   seeds) vs most-used experts, mask mode;
-4. fine-tuning on one rare skill alone (default `mul`) with every method, each through
-   `moe_sft.train.run_recipe` on a YAML written to `<out>/configs/` (exactly `moe-sft train`);
-   every method gets the same number of optimizer steps, data order, lr and seed;
-5. a table per method: target-skill accuracy, accuracy kept on the rare and the other skills,
-   expert-usage entropy and step time (Markdown + JSON) and plots.
+   number of optimizer steps with the family's load-balancing aux loss, saved as a stock
+   checkpoint;
+3. the pre-trained model's long tail: expert usage overall and per skill (heatmap), and what
+   masking the least-used quarter of each layer's experts costs each skill, against random
+   and most-used quarters;
+4. fine-tuning on one rare skill alone (default `mul`) with every arm of `METHODS`, over several
+   seeds, each run through `moe_sft.train.run_recipe` on YAMLs written to `<out>/configs/`
+   (exactly `moe-sft train`); every run gets the same steps, data, lr and, per seed, the same
+   data order;
+5. per fine-tuned model: accuracy on the target, the rare and the other skills, and the claim
+   under test: accuracy on the rare and on all skills with that model's own long tail (the
+   least-used quarter of each layer, from a profile of that model) masked, against random
+   quarters; mean ± std over seeds, differences beyond the noise marked (`stats.py`).
 
-Accuracy is exact match of greedy decoding, computed in one teacher-forced forward: greedy
-decoding produces `answer</s>` exactly when, at every answer position, the argmax next token
-given the gold prefix is the gold token (the first wrong argmax is where decoding would leave
-the answer). `tests/test_demo.py` checks this against `model.generate`.
+Everything is budgeted in optimizer steps, on the CPU, with `threads` torch threads: the same
+command gives the same numbers (`results.json`, timing and machine sections aside) on every run.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -34,50 +36,79 @@ import yaml
 
 from ..config import ConfigError
 from ..io import atomic_write_text
-from . import corpus
+from . import corpus, report
+from . import evaluate as ev
+from .stats import mean_std
 
 logger = logging.getLogger(__name__)
 
 MARKER = "demo.json"  # marks a folder as a demo output (so a rerun may replace it)
-METHODS: dict[str, dict] = {  # method -> its moe_sft blocks in the train YAML
-    "vanilla": {},
-    "frozen_router": {"frozen_router": {}},
-    "densemixer": {"densemixer": {}},
-    "esft": {"esft": {"score": "token"}},
-    "condenser": {"condenser": {}},  # phase 1 (bias only); phase 2 adds condensers, see _condenser_yamls
-    "moe_bias_head": {"moe_bias_head": {"num_experts": 16, "top_k": 2}},
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One fine-tuning arm: its moe_sft method blocks per phase. Each phase is one `moe-sft
+    train` YAML naming the next in `then:`; the fine-tuning steps are split evenly between the
+    phases, so every arm trains the same number of steps."""
+
+    name: str
+    phases: tuple[dict, ...] = ({},)
+
+
+# The arms of the comparison, in table order; add one here and it is trained, evaluated,
+# tabulated and plotted like the others.
+METHODS: tuple[Arm, ...] = (
+    Arm("vanilla"),
+    Arm("frozen_router", ({"frozen_router": {}},)),
+    Arm("densemixer", ({"densemixer": {}},)),
+    Arm("esft", ({"esft": {"score": "token"}},)),
+    # Phase 1 sparsifies with the router bias only; phase 2 adds one long-tail condenser per
+    # layer (top-2 compute_neutral: 1 routed + 1 condenser), gamma 5e-5 as the paper's phase 2.
+    Arm("condenser", ({"condenser": {}}, {"condenser": {"bias": {"gamma": 5.0e-5}, "condensers": {"num": 1}}})),
+    Arm("moe_bias_head", ({"moe_bias_head": {"num_experts": 16, "top_k": 2}},)),
+)
+BASELINE = "vanilla"  # the arm every other arm's accuracies are compared with
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    pretrain_seconds: float = 120.0  # wall-time budget of pre-training
-    finetune_seconds: float = 18.0  # fine-tuning steps = this / pre-training's median step time
-    batch_size: int = 64
-    pretrain_lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3  # AdamW, cosine with warm-up
+    pretrain_warmup_steps: int = 50
+    router_aux_loss_coef: float = 0.01  # pre-training's load-balancing loss (keeps the tail alive)
+    finetune_steps: int = 150  # per run, split between an arm's phases
+    finetune_lr: float = 1e-3  # AdamW, cosine
+    finetune_batch_size: int = 32
+    seeds: int = 3  # fine-tuning seeds: seed, seed + 1, ...
+    batch_size: int = 64  # pre-training
     pretrain_records: int = 24000  # distinct training examples (repeated for longer runs)
     finetune_records: int = 3000
     eval_per_skill: int = 100
-    profile_texts: int = 1000
+    profile_texts: int = 1000  # corpus texts (Zipf mix) each usage profile is taken on
     prune_ratio: float = 0.25
-    prune_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    prune_seeds: int = 3  # random masks per model
     target: str = "mul"
     seed: int = 0
 
     def __post_init__(self):
         if self.target not in corpus.SKILL_NAMES:
             raise ConfigError(f"demo target skill {self.target!r} is not one of {', '.join(corpus.SKILL_NAMES)}")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds {self.seeds}: give at least 1 fine-tuning seed (3 or more for a noise estimate)")
+
+    @property
+    def finetune_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
 
 
 QUICK = DemoSettings(
-    pretrain_seconds=6.0, finetune_seconds=1.0, pretrain_records=2000, finetune_records=300,
-    eval_per_skill=12, profile_texts=128, prune_seeds=(0, 1),
+    pretrain_steps=40, pretrain_warmup_steps=4, finetune_steps=4, seeds=2, pretrain_records=1000,
+    finetune_records=200, finetune_batch_size=16, eval_per_skill=12, profile_texts=64, prune_seeds=2,
 )  # fmt: skip
 
-MODEL = dict(  # Qwen3-MoE-shaped, ~1.7M parameters
+MODEL = dict(  # Qwen3-MoE-shaped, ~1.0M parameters
     hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    intermediate_size=256, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=128,
+    intermediate_size=256, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
     norm_topk_prob=True, max_position_embeddings=64, tie_word_embeddings=False,
 )  # fmt: skip
 
@@ -106,75 +137,24 @@ def _write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def _recipe(model_path: str, data_file: str, out_dir: Path, s: DemoSettings, *, lr: float, steps: int,
-            scheduler: str, blocks: dict) -> dict:  # fmt: skip
+def _recipe(model_path: str, data_file: str, out_dir: Path, *, batch: int, lr: float, steps: int, seed: int,
+            blocks: dict, warmup: int = 0) -> dict:  # fmt: skip
     return {
         "model": {"path": model_path},
         "data": {"files": [data_file], "format": "messages", "max_length": 32},
         **blocks,
         "training": {
-            "output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": s.batch_size,
-            "learning_rate": lr, "lr_scheduler_type": scheduler, "weight_decay": 0.0, "logging_steps": max(steps // 5, 1),
-            "save_strategy": "no", "report_to": "none", "seed": s.seed, "dataloader_drop_last": True,
-            "dataloader_pin_memory": False,
+            "output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": batch,
+            "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": warmup, "weight_decay": 0.0,
+            "logging_steps": max(steps // 5, 1), "save_strategy": "no", "report_to": "none", "seed": seed,
+            "data_seed": seed, "dataloader_drop_last": True, "dataloader_pin_memory": False, "use_cpu": True,
+            "disable_tqdm": True,
         },  # fmt: skip
     }
 
 
-# ---- evaluation ---------------------------------------------------------------------------
-@torch.no_grad()
-def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 256) -> list[bool]:
-    """Per (question, answer): does greedy decoding after `<s>question=` give `answer</s>`?
-    One teacher-forced forward per batch (see the module docstring)."""
-    eos = tokenizer.eos_token_id
-    rows = []
-    for q, a in pairs:
-        prompt = tokenizer(f"<s>{q}=", add_special_tokens=False)["input_ids"]
-        rows.append((prompt, tokenizer(a, add_special_tokens=False)["input_ids"] + [eos]))
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        n = max(len(p) + len(r) for p, r in chunk)
-        ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(chunk):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-        pred = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)  # (B, n)
-        for i, (p, r) in enumerate(chunk):
-            # position j predicts token j+1: the answer's tokens are predicted at len(p)-1 ...
-            out.append(pred[i, len(p) - 1 : len(p) - 1 + len(r)].tolist() == r)
-    model.train(was_training)
-    return out
-
-
-def skill_accuracy(model, tokenizer, evalset: dict[str, list]) -> dict[str, float]:
-    flat = [pair for name in corpus.SKILL_NAMES for pair in evalset[name]]
-    ok = exact_match(model, tokenizer, flat)
-    acc, i = {}, 0
-    for name in corpus.SKILL_NAMES:
-        n = len(evalset[name])
-        acc[name] = sum(ok[i : i + n]) / n
-        i += n
-    return acc
-
-
-def weighted(acc: dict[str, float], skills) -> float:
-    """Accuracy over `skills` weighted by their corpus frequency."""
-    w = corpus.skill_weights()
-    return sum(w[k] * acc[k] for k in skills) / sum(w[k] for k in skills)
-
-
-def usage_entropy(model, tokenizer, texts: list[str]) -> float:
-    """Mean over MoE layers of the entropy of the experts' selection shares / ln E (1 = uniform)."""
-    from ..pruning import profile_model
-
-    prof = profile_model(model, tokenizer, texts, batch_size=256)
-    shares = prof.counts.double() / prof.counts.sum(1, keepdim=True).clamp_min(1)
-    ent = -(shares * shares.clamp_min(1e-30).log()).sum(1) / math.log(prof.num_experts)
-    return float(ent.mean())
+def texts(pairs) -> list[str]:
+    return [f"<s>{q}={a}</s>" for q, a in pairs]
 
 
 # ---- the steps ----------------------------------------------------------------------------
@@ -188,274 +168,226 @@ def _prepare_out(out: Path) -> None:
     atomic_write_text(out / MARKER, json.dumps({"status": "running"}) + "\n")
 
 
-def pretrain(out: Path, s: DemoSettings, tokenizer, evalset) -> tuple[Path, float, dict]:
-    """Random init -> checkpoint -> `train()` under a wall-time budget -> stock checkpoint
-    `<out>/pretrained`. Returns that folder, the median step time (s) and a summary."""
-    from ..pretrained import from_pretrained
+def pretrain(out: Path, s: DemoSettings, tokenizer, held_out: frozenset) -> tuple[Path, dict, dict]:
+    """Random init -> `train()` for `pretrain_steps` -> stock checkpoint `<out>/pretrained`.
+    Returns that folder, a summary and its timing."""
     from ..patching import get_handle
+    from ..pretrained import from_pretrained
     from ..train import load_train_config, train
-    from ..train.callbacks import StepTimer, TimeBudget
+    from ..train.callbacks import StepTimer
 
-    held_out = frozenset(q for pairs in evalset.values() for q, _ in pairs)
     data = _write_jsonl(out / "data" / "pretrain.jsonl", corpus.sample(s.pretrain_records, s.seed, exclude=held_out))
     init = out / "init"
     model = build_model(tokenizer, s.seed)
     model.save_pretrained(init)
     tokenizer.save_pretrained(init)
     n_params = sum(p.numel() for p in model.parameters())
-    # max_steps only bounds the run (at 50 steps/s); the time budget ends it, and the lr is a
-    # cosine over the budget's elapsed fraction (TimeBudget(anneal="cosine")).
-    steps = int(s.pretrain_seconds * 50)
-    cfg = _recipe(str(init), data, out / "pretrain", s, lr=s.pretrain_lr, steps=steps, scheduler="constant", blocks={})
+    cfg = _recipe(str(init), data, out / "pretrain", batch=s.batch_size, lr=s.pretrain_lr, steps=s.pretrain_steps,
+                  seed=s.seed, blocks={"router_aux_loss_coef": s.router_aux_loss_coef}, warmup=s.pretrain_warmup_steps)  # fmt: skip
     path = _write_yaml(out / "configs" / "pretrain.yaml", cfg)
-    budget, timer = TimeBudget(s.pretrain_seconds, anneal="cosine"), StepTimer()
-    logger.info("demo: pre-training %.1fM parameters for %.0f s", n_params / 1e6, s.pretrain_seconds)
-    final = train(load_train_config(path), callbacks=(budget, timer))
+    logger.info("demo: pre-training %.2fM parameters for %d steps", n_params / 1e6, s.pretrain_steps)
+    timer, t0 = StepTimer(), time.perf_counter()
+    final = train(load_train_config(path), callbacks=(timer,))
+    seconds = time.perf_counter() - t0
     # train() saves a patched checkpoint (every method off); keep a stock one as the base that
-    # every method's run patches in its own way.
+    # every arm's run patches in its own way.
     model = from_pretrained(final)
     get_handle(model).revert()
     pretrained = out / "pretrained"
     model.save_pretrained(pretrained)
     tokenizer.save_pretrained(pretrained)
-    return pretrained, timer.median(), {"parameters": n_params, "steps": budget.steps, "seconds": s.pretrain_seconds,
-                                    "median_step_ms": 1000 * timer.median(), "records": s.pretrain_records}  # fmt: skip
+    summary = {"parameters": n_params, "steps": len(timer.times), "records": s.pretrain_records}
+    return pretrained, summary, {"seconds": seconds, "median_step_ms": 1000 * timer.median()}
 
 
-def prune_compare(model, tokenizer, s: DemoSettings, evalset, out: Path) -> dict:
-    """Profile the pre-trained model on corpus text, then mask 25% of each layer's experts:
-    least used, most used, and random (one draw per seed)."""
-    from ..pruning import masked, profile_model, select_experts, write_profile
+def study_pretrained(model, tokenizer, s: DemoSettings, evalset, out: Path) -> dict:
+    """The pre-trained model's long tail: usage profile (written to `<out>/profile`), each
+    skill's routing (on its evaluation questions), the share of it that reaches the least-used
+    experts, and accuracy with least-used / most-used / random experts masked."""
+    from ..pruning import select_experts, write_profile
 
-    texts = [f"<s>{q}={a}</s>" for q, a in corpus.sample(s.profile_texts, s.seed + 1)]
-    prof = profile_model(model, tokenizer, texts, batch_size=128, model_id="pretrained", data="demo corpus")
+    prof = ev.profile(model, tokenizer, texts(corpus.sample(s.profile_texts, s.seed + 1)), "pretrained")
     write_profile(prof, out / "profile", overwrite=True)
-    rows = {"unpruned": [weighted(skill_accuracy(model, tokenizer, evalset), corpus.SKILL_NAMES)]}
-    cells = [("least_used", 0), ("most_used", 0)] + [("random", seed) for seed in s.prune_seeds]
-    for strategy, seed in cells:
-        sel = select_experts(prof, strategy, ratio=s.prune_ratio, seed=seed, controls="least_used")
-        with masked(model, sel):
-            acc = weighted(skill_accuracy(model, tokenizer, evalset), corpus.SKILL_NAMES)
-        rows.setdefault(strategy, []).append(acc)
-    return {"ratio": s.prune_ratio, "per_layer": round(s.prune_ratio * prof.num_experts), "seeds": list(s.prune_seeds),
-            "accuracy": rows}  # fmt: skip
+    tail = select_experts(prof, "least_used", ratio=s.prune_ratio)
+    routing = ev.skill_routing(model, tokenizer, {k: texts(v) for k, v in evalset.items()})
+    pruning = ev.prune_compare(model, tokenizer, evalset, prof, ratio=s.prune_ratio, seeds=s.prune_seeds,
+                               strategies=("least_used", "most_used"))  # fmt: skip
+    return {
+        "accuracy": ev.skill_accuracy(model, tokenizer, evalset),
+        "usage_entropy": ev.usage_entropy(prof),
+        "layers": prof.layers,
+        "counts": prof.counts.tolist(),
+        "tail": tail,
+        "tail_share": ev.tail_share(prof.counts, tail, prof.layers),
+        "skill_counts": {k: c.tolist() for k, c in routing.items()},
+        "skill_tail_share": {k: ev.tail_share(c, tail, prof.layers) for k, c in routing.items()},
+        "pruning": pruning,
+    }
 
 
-def _method_yamls(method: str, base: str, data: str, out: Path, s: DemoSettings, steps: int) -> Path:
-    """The YAML(s) of one method; the condenser's phase 1 names phase 2 in `then:` (half the
-    steps each, so every method trains the same number of steps)."""
-    cfgs = out / "configs"
-    run = out / "finetune"
-    if method != "condenser":
-        cfg = _recipe(base, data, run / method, s, lr=s.finetune_lr, steps=steps, scheduler="cosine", blocks=METHODS[method])
-        return _write_yaml(cfgs / f"{method}.yaml", cfg)
-    half = max(steps // 2, 1)
-    p1 = _recipe(base, data, run / "condenser_phase1", s, lr=s.finetune_lr, steps=half, scheduler="cosine",
-                 blocks=METHODS["condenser"])  # fmt: skip
-    # Phase 2: one long-tail condenser per layer (top-2 routing, compute_neutral: 1 routed + 1
-    # condenser), gamma 5e-5 as the paper's phase 2; starts from phase 1's final model.
-    p2 = _recipe(str(run / "condenser_phase1" / "final"), data, run / "condenser", s, lr=s.finetune_lr,
-                 steps=steps - half, scheduler="cosine",
-                 blocks={"condenser": {"bias": {"gamma": 5.0e-5}, "condensers": {"num": 1}}})  # fmt: skip
-    p1["then"] = str(_write_yaml(cfgs / "condenser_phase2.yaml", p2))
-    return _write_yaml(cfgs / "condenser_phase1.yaml", p1)
+def _run_dir(out: Path, arm: Arm, seed: int, phase: int) -> Path:
+    """finetune/<arm>/seed<k> for the last phase (the arm's model), seed<k>_phase<j> before it."""
+    last = phase == len(arm.phases) - 1
+    return out / "finetune" / arm.name / (f"seed{seed}" if last else f"seed{seed}_phase{phase + 1}")
 
 
-def finetune_all(base: Path, out: Path, s: DemoSettings, steps: int, tokenizer, evalset, entropy_texts) -> dict:
-    from ..pretrained import from_pretrained
+def arm_yaml(arm: Arm, base: str, data: str, out: Path, s: DemoSettings, seed: int) -> Path:
+    """The YAMLs of one arm and seed (configs/<arm>/seed<k>.yaml, later phases
+    seed<k>_phase<j>.yaml, chained by `then:`); returns the first phase's."""
+    n = len(arm.phases)
+    steps = [s.finetune_steps // n + (1 if j < s.finetune_steps % n else 0) for j in range(n)]
+    cfgs = out / "configs" / arm.name
+    path = None
+    for j in reversed(range(n)):  # last phase first, so each phase can name the next
+        model_path = base if j == 0 else str(_run_dir(out, arm, seed, j - 1) / "final")
+        cfg = _recipe(model_path, data, _run_dir(out, arm, seed, j), batch=s.finetune_batch_size, lr=s.finetune_lr,
+                      steps=max(steps[j], 1), seed=seed, blocks=arm.phases[j])  # fmt: skip
+        if path is not None:
+            cfg["then"] = str(path)
+        path = _write_yaml(cfgs / (f"seed{seed}.yaml" if j == 0 else f"seed{seed}_phase{j + 1}.yaml"), cfg)
+    return path
+
+
+def finetune_run(path: Path, seed: int) -> tuple[Path, dict]:
+    """`run_recipe(path)` from a fixed RNG state (new parameters, e.g. moe_bias_head's, are
+    initialised before the Trainer seeds itself); the final model folder and the step timing."""
     from ..train import run_recipe
     from ..train.callbacks import StepTimer
 
+    torch.manual_seed(seed)
+    timer, t0 = StepTimer(), time.perf_counter()
+    final = run_recipe(path, callbacks=(timer,))[-1]
+    timing = {"seconds": time.perf_counter() - t0, "median_step_ms": 1000 * timer.median()}
+    return final, {"steps": len(timer.times), **timing}
+
+
+def evaluate_finetuned(final: Path, tokenizer, evalset, profile_texts: list[str], s: DemoSettings) -> dict:
+    """Accuracy of one fine-tuned model, its usage entropy, and accuracy with its own long tail
+    (least-used experts of a profile of this model) or random experts masked."""
+    from ..pretrained import from_pretrained
+
+    model = from_pretrained(final)
+    prof = ev.profile(model, tokenizer, profile_texts, str(final))
+    pruning = ev.prune_compare(model, tokenizer, evalset, prof, ratio=s.prune_ratio, seeds=s.prune_seeds)
+    return {
+        "accuracy": ev.skill_accuracy(model, tokenizer, evalset),
+        "usage_entropy": ev.usage_entropy(prof),
+        "tail": pruning["least_used"],
+        "random": pruning["random"],
+    }
+
+
+def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset) -> tuple[dict, dict]:
+    """Every arm x every seed: train, evaluate. Returns (results, timing), both {arm: [per seed]}."""
     held_out = frozenset(q for q, _ in evalset[s.target])
     pairs = corpus.sample(s.finetune_records, s.seed + 2, skills={s.target: 1.0}, exclude=held_out)
     data = _write_jsonl(out / "data" / f"finetune_{s.target}.jsonl", pairs)
-    results = {}
-    for method in METHODS:
-        path = _method_yamls(method, str(base), data, out, s, steps)
-        timer = StepTimer()
-        logger.info("demo: fine-tuning %s on %s for %d steps (%s)", method, s.target, steps, path)
-        final = run_recipe(path, callbacks=(timer,))[-1]
-        model = from_pretrained(final)
-        results[method] = {
-            "accuracy": skill_accuracy(model, tokenizer, evalset),
-            "usage_entropy": usage_entropy(model, tokenizer, entropy_texts),
-            "median_step_ms": 1000 * timer.median(),
-            "steps": len(timer.times),
-        }
-    return results
+    profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))
+    results, timing = {}, {}
+    for arm in METHODS:
+        for seed in s.finetune_seeds:
+            path = arm_yaml(arm, str(base), data, out, s, seed)
+            logger.info("demo: fine-tuning %s (seed %d) on %s for %d steps (%s)", arm.name, seed, s.target, s.finetune_steps, path)
+            final, run_timing = finetune_run(path, seed)
+            steps = run_timing.pop("steps")
+            results.setdefault(arm.name, []).append({"seed": seed, "steps": steps, **evaluate_finetuned(final, tokenizer, evalset, profile_texts, s)})
+            timing.setdefault(arm.name, []).append(run_timing)
+    return results, timing
 
 
-# ---- report -------------------------------------------------------------------------------
-def rare_skills(target: str) -> list[str]:
-    """The skills rarer than uniform in the corpus, the fine-tuning target excluded."""
-    w = corpus.skill_weights()
-    return [k for k in corpus.SKILL_NAMES if k != target and w[k] < 1 / len(w)]
-
-
-def rows(results: dict, base_acc: dict[str, float], target: str) -> list[dict]:
-    """One row per method (plus the pre-trained model): target accuracy, accuracy on the rare
-    skills (less frequent than uniform, target excluded) and on every other skill (weighted by
-    corpus frequency), usage entropy, step time."""
-    others = [k for k in corpus.SKILL_NAMES if k != target]
-    rare = rare_skills(target)
-    out = []
-    for name, r in {"pre-trained (no fine-tuning)": {"accuracy": base_acc}, **results}.items():
-        acc = r["accuracy"]
-        out.append({
-            "method": name,
-            "target_acc": acc[target],
-            "rare_acc": sum(acc[k] for k in rare) / len(rare),
-            "other_acc": weighted(acc, others),
-            "usage_entropy": r.get("usage_entropy"),
-            "median_step_ms": r.get("median_step_ms"),
-            "steps": r.get("steps"),
-        })  # fmt: skip
+# ---- summary ------------------------------------------------------------------------------
+def summarise(results: dict, target: str) -> dict:
+    """{arm: {metric: mean_std over seeds}}: accuracy groups of the full model (target, rare,
+    other, all), with the long tail masked (tail_rare, tail_all), with random experts masked
+    (random_rare, random_all: each seed's mean over its random masks), and usage entropy."""
+    out = {}
+    for arm, runs in results.items():
+        per_seed = [_seed_metrics(r, target) for r in runs]
+        out[arm] = {k: mean_std([m[k] for m in per_seed]) for k in per_seed[0]}
     return out
 
 
-def markdown(table: list[dict], target: str, rare: list[str], pruning: dict) -> str:
-    def f(v, fmt):
-        return "—" if v is None else format(v, fmt)
-
-    lines = [
-        f"| method | {target} accuracy (target) | rare skills ({', '.join(rare)}) | other skills (weighted) | usage entropy | step (ms) | steps |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in table:
-        lines.append(
-            f"| {r['method']} | {r['target_acc']:.3f} | {r['rare_acc']:.3f} | {r['other_acc']:.3f} | "
-            f"{f(r['usage_entropy'], '.3f')} | {f(r['median_step_ms'], '.1f')} | {f(r['steps'], 'd')} |"
-        )
-    acc = pruning["accuracy"]
-    rnd = acc["random"]
-    mean = sum(rnd) / len(rnd)
-    std = (sum((x - mean) ** 2 for x in rnd) / (len(rnd) - 1)) ** 0.5 if len(rnd) > 1 else 0.0
-    lines += [
-        "",
-        f"Pruning {pruning['per_layer']} of 16 experts per layer ({pruning['ratio']:.0%}, mask mode), pre-trained model, "
-        "accuracy over all skills weighted by frequency:",
-        "",
-        "| experts masked | accuracy |",
-        "|---|---|",
-        f"| none | {acc['unpruned'][0]:.3f} |",
-        f"| least used | {acc['least_used'][0]:.3f} |",
-        f"| random (mean ± std over seeds {pruning['seeds']}) | {mean:.3f} ± {std:.3f} |",
-        f"| most used | {acc['most_used'][0]:.3f} |",
-    ]
-    return "\n".join(lines) + "\n"
+def _seed_metrics(run: dict, target: str) -> dict:
+    full = ev.groups(run["accuracy"], target)
+    tail = ev.groups(run["tail"]["accuracy"], target)
+    rnd = [ev.groups(r["accuracy"], target) for r in run["random"]]
+    mean = lambda key: sum(g[key] for g in rnd) / len(rnd)  # noqa: E731
+    return {
+        **full,
+        "tail_rare": tail["rare"], "tail_all": tail["all"], "random_rare": mean("rare"), "random_all": mean("all"),
+        "tail_loss_rare": full["rare"] - tail["rare"], "tail_loss_all": full["all"] - tail["all"],
+        "random_loss_rare": full["rare"] - mean("rare"), "random_loss_all": full["all"] - mean("all"),
+        "usage_entropy": run["usage_entropy"],
+    }  # fmt: skip
 
 
-def _savefig(fig, path: Path) -> None:
-    """Save a figure atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def plots(out: Path, table: list[dict], results: dict, base_acc: dict, pruning: dict, target: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["method"].split(" ")[0] for r in table]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.27
-    for j, (key, label) in enumerate([("target_acc", f"{target} (target)"), ("rare_acc", "rare skills"), ("other_acc", "other skills")]):
-        ax.bar([i + (j - 1) * width for i in range(len(table))], [r[key] for r in table], width, label=label)
-    ax.set_xticks(range(len(table)), names, rotation=20, fontsize=8)
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"after fine-tuning on {target} alone")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _savefig(fig, out / "methods.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    skills = list(corpus.SKILL_NAMES)
-    series = {"pre-trained": base_acc, **{m: r["accuracy"] for m, r in results.items()}}
-    width = 0.8 / len(series)
-    for j, (m, acc) in enumerate(series.items()):
-        ax.bar([i + (j - len(series) / 2 + 0.5) * width for i in range(len(skills))], [acc[k] for k in skills], width, label=m)
-    w = corpus.skill_weights()
-    ax.set_xticks(range(len(skills)), [f"{k}\n{w[k]:.0%}" for k in skills], fontsize=8)
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title("accuracy per skill (corpus frequency below the name)")
-    ax.set_ylim(0, 1.3)  # room for the legend above the bars
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.legend(fontsize=7, ncol=len(series), loc="upper center")
-    fig.tight_layout()
-    _savefig(fig, out / "skills.png")
-    plt.close(fig)
-
-    acc = pruning["accuracy"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    labels = ["none", "least used", "random", "most used"]
-    vals = [acc["unpruned"], acc["least_used"], acc["random"], acc["most_used"]]
-    means = [sum(v) / len(v) for v in vals]
-    errs = [(sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0 for v, m in zip(vals, means)]
-    ax.bar(labels, means, yerr=errs, capsize=4, color=["grey", "tab:green", "tab:orange", "tab:red"])
-    ax.set_ylabel("accuracy (all skills, weighted)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"masking {pruning['ratio']:.0%} of the experts per layer")
-    fig.tight_layout()
-    _savefig(fig, out / "pruning.png")
-    plt.close(fig)
-    return ["methods.png", "skills.png", "pruning.png", "profile/usage_heatmap.png"]
+def _machine(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": threads, "load_average_start": list(os.getloadavg())}  # fmt: skip
 
 
 # ---- entry point --------------------------------------------------------------------------
-def run_demo(out: str | os.PathLike = "outputs/demo", quick: bool = False, threads: int | None = 1) -> dict:
+def run_demo(out: str | os.PathLike = "outputs/demo", quick: bool = False, threads: int = 1, seeds: int | None = None,
+             seed: int = 0) -> dict:  # fmt: skip
     """Run every step; return the results dict also written to `<out>/results.json`.
-    `threads`: torch CPU threads (None: torch's default). One is the default: the demo's
-    matrices are small, and extra threads mostly add contention on a shared machine."""
+    `threads`: torch CPU threads (the numbers are reproducible for a given count; one is the
+    default: the matrices are small, and extra threads mostly contend on a shared machine).
+    `seeds`: fine-tuning seeds (default 3; 2 with `quick`); `seed`: the base seed of everything."""
+    s = QUICK if quick else DemoSettings()
+    s = dataclasses.replace(s, seeds=s.seeds if seeds is None else seeds, seed=seed)
+    if threads < 1:
+        raise ConfigError(f"threads={threads}: give a positive number of torch threads")
+    out = Path(out)
+    _prepare_out(out)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        report_ = _study(out, s, quick, _machine(threads))
+    finally:
+        torch.set_num_threads(previous_threads)
+    report_ = json.loads(json.dumps(report_))  # as results.json has it (str keys)
+    figures = report.plots(out, report_)
+    md = report.markdown(report_)
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.json", json.dumps(report_, indent=2) + "\n")
+    atomic_write_text(out / MARKER, json.dumps({"status": "done", "figures": figures}) + "\n")
+    print("\n" + md)
+    print(f"demo finished in {report_['timing']['seconds']:.0f} s; results in {out}/results.md, plots {', '.join(figures)}")
+    return report_
+
+
+def _study(out: Path, s: DemoSettings, quick: bool, machine: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
-    s = QUICK if quick else DemoSettings()
-    out = Path(out)
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads={threads}: give a positive number of torch threads")
-        torch.set_num_threads(threads)
-    _prepare_out(out)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     tokenizer = corpus.tokenizer()
     evalset = corpus.eval_set(s.eval_per_skill, seed=s.seed + 100)
+    held_out = frozenset(q for pairs in evalset.values() for q, _ in pairs)
 
-    base, step_s, pre = pretrain(out, s, tokenizer, evalset)
+    base, pre, pre_timing = pretrain(out, s, tokenizer, held_out)
     model = AutoModelForCausalLM.from_pretrained(base)
-    base_acc = skill_accuracy(model, tokenizer, evalset)
-    pruning = prune_compare(model, tokenizer, s, evalset, out)
-    entropy_texts = [f"<s>{q}={a}</s>" for pairs in evalset.values() for q, a in pairs]
-    base_entropy = usage_entropy(model, tokenizer, entropy_texts)
+    pre.update(study_pretrained(model, tokenizer, s, evalset, out))
     del model
-
-    # Every method trains the same number of steps: what pre-training's step rate fits in the budget.
-    steps = max(int(s.finetune_seconds / step_s), 4)
-    results = finetune_all(base, out, s, steps, tokenizer, evalset, entropy_texts)
-
-    table = rows(results, base_acc, s.target)
-    table[0]["usage_entropy"] = base_entropy
-    w = corpus.skill_weights()
-    md = markdown(table, s.target, rare_skills(s.target), pruning)
-    report = {
-        "settings": {**dataclasses.asdict(s), "quick": quick, "finetune_steps": steps, "model": MODEL,
-                     "skill_frequencies": w},  # fmt: skip
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "load_average": list(os.getloadavg())},  # fmt: skip
-        "pretrain": {**pre, "accuracy": base_acc, "usage_entropy": base_entropy},
-        "pruning": pruning,
+    t1 = time.perf_counter()
+    results, ft_timing = finetune_all(base, out, s, tokenizer, evalset)
+    machine["load_average_end"] = list(os.getloadavg())
+    summary = summarise(results, s.target)
+    return {
+        "settings": {**dataclasses.asdict(s), "finetune_seeds": s.finetune_seeds, "quick": quick, "methods": [a.name for a in METHODS], "baseline": BASELINE,
+                     "model": MODEL, "skill_frequencies": corpus.skill_weights(),
+                     "rare_skills": ev.rare_skills(s.target)},  # fmt: skip
+        "pretrain": pre,
         "methods": results,
-        "table": table,
-        "seconds": time.perf_counter() - t0,
+        "summary": summary,
+        "claim": report.claim(summary),
+        "machine": machine,
+        "timing": {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
+                   "pretrain": pre_timing, "pretrained_study_seconds": t1 - t0 - pre_timing["seconds"],
+                   "finetune_seconds": time.perf_counter() - t1, "finetune": ft_timing},  # fmt: skip
     }
-    figures = plots(out, table, results, base_acc, pruning, s.target)
-    title = f"# moe-sft demo{' --quick' if quick else ''}\n\nFine-tuned on `{s.target}` alone, {steps} steps per method.\n\n"
-    atomic_write_text(out / "results.md", title + md)
-    atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / MARKER, json.dumps({"status": "done", "figures": figures}) + "\n")
-    print("\n" + md)
-    print(f"demo finished in {report['seconds']:.0f} s; results in {out}/results.md, plots {', '.join(figures)}")
-    return report
