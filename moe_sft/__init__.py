@@ -29,6 +29,7 @@ _EXPORTS = {
     "step": "patching",
     "Method": "plugins",
     "register_method": "plugins",
+    "MoEGRPOTrainer": "rl",
     "from_pretrained": "pretrained",
     "save_pretrained": "pretrained",
 }

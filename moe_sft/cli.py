@@ -2,6 +2,8 @@
 `add_parser(subparsers)` and `run(args)`; heavy imports happen inside `run`.
 
 Launching on many GPUs is left to `deepspeed` / `torchrun` / `accelerate launch`.
+Bad input (moe_sft's own errors) ends with one line `moe-sft VERB: error: ...` and exit status 2;
+Ctrl-C with one line saying what was kept and how to go on, and exit status 130.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import importlib
 import logging
 import sys
 
+logger = logging.getLogger(__name__)
+
 # verb -> module under moe_sft.commands, in the order `--help` lists them
-VERBS = ("demo", "patch", "train", "eval", "profile", "prune", "ablate")
+VERBS = ("demo", "patch", "train", "rl", "eval", "profile", "prune", "ablate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupted verb has kept and how to go on: the one line Ctrl-C prints (fields of the
+# verb's arguments are filled in).
+ON_INTERRUPT = {
+    "demo": "nothing usable is kept; rerun `moe-sft demo --out {out}` to start over",
+    "patch": "nothing was written to {out}; rerun the same command",
+    "train": "kept the checkpoint-N folders saved so far in training.output_dir (none before the first save); "
+    "continue with `moe-sft train {config} ... --resume`",
+    "rl": "kept the checkpoint-N folders saved so far in grpo.output_dir (none before the first save); continue "
+    "with `moe-sft rl {config} ... --resume`",
+    "eval": "kept the finished examples in {out}; rerun with the same --out to continue from there",
+    "profile": "nothing was written to {out}; rerun the same command",
+    "prune": "nothing was written to {out}; rerun the same command",
+    "ablate": "kept the finished cells and examples in the config's `out`; rerun `moe-sft ablate {config} ...` to "
+    "continue from there",
+}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_USER_ERROR = 2  # as argparse uses for bad arguments
+
+
+def is_user_error(error: BaseException) -> bool:
+    """moe_sft's own error classes (ConfigError and its subclasses, PatchError, CheckpointError,
+    ...), missing or existing files, and malformed YAML: bad input, reported in one line."""
+    import yaml
+
+    own = any(cls.__module__.split(".")[0] == "moe_sft" for cls in type(error).__mro__)
+    return own or isinstance(error, (FileExistsError, FileNotFoundError, yaml.YAMLError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,15 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from .adapters import PatchError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, PatchError, CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"moe-sft {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"moe-sft {args.verb}: interrupted; {ON_INTERRUPT[args.verb].format(**vars(args))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        logger.debug("moe-sft %s failed", args.verb, exc_info=True)  # the traceback, with --verbose
+        one_line = " ".join(line.strip() for line in str(e).splitlines())
+        print(f"moe-sft {args.verb}: error: {one_line}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ def _local_dir(path: str, **hub_kwargs) -> Path | None:
 def _check_weights(local: Path) -> None:
     """A moe_sft folder without the stock weights would load as a fresh random model."""
     if not any(local.glob("model*.safetensors")) and not any(local.glob("pytorch_model*.bin")):
+        if (local / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"{local} is a LoRA adapter (adapter_config.json), not a model: load it onto its base model with "
+                "moe_sft.methods.lora.load_adapter(base_model, dir)"
+            )
         raise CheckpointError(
             f"{local} holds a {CONFIG_NAME} but no model*.safetensors: the base weights are missing (a copy cut "
             "short?); save the model again, or point at the folder that holds them"

@@ -1,6 +1,6 @@
 """The benchmark suite: run the benchmark scripts and rewrite their sections of BENCHMARKS.md.
 
-    python scripts/bench.py                      # everything (CPU ~10 min on 2 cores; GPU section if CUDA)
+    python scripts/bench.py                      # everything (CPU ~40 min on 2 cores; GPU section if CUDA)
     python scripts/bench.py --quick              # fewer repeats (a few minutes)
     python scripts/bench.py --only patch,gpu     # some benchmarks
 
@@ -57,6 +57,16 @@ BENCHES = (
           (("--tokens", "256", "--vocab", "151936", "--hidden", "2048", "--reps", "5", "--threads", "1"),),
           (("--tokens", "128", "--vocab", "151936", "--hidden", "2048", "--reps", "2", "--threads", "1"),),
           "The MoE-Bias head against none at a real vocabulary (151,936) and hidden size (2048)."),
+    Bench("zero3_memory", "bench_zero3_memory.py", "ZeRO-3 partitioned loading: peak RSS per rank",
+          (("--sizes", "50,200,500"),), (("--sizes", "50",),),
+          "Peak host RSS per rank above the pre-load level, loading (load + patch) and training (2 SGD steps, "
+          "condenser bias on), CPU fp32 gloo, the checkpoint loaded whole before the DeepSpeed config (`whole`) against "
+          "transformers' zero.Init loading that `moe-sft train` uses (`partitioned`). Target: rank 1's partitioned "
+          "load peak at world size 2 <= 0.6x the world-size-1 load peak; rank 0 reads the checkpoint."),
+    Bench("rl", "bench_rl.py", "GRPO step with routing replay, and generation speed",
+          (("--steps", "15", "--warmup", "2", "--threads", "1"),), (("--steps", "5", "--warmup", "1", "--threads", "1"),),
+          "A GRPO step (TRL, HF generate) with routing_replay: rollout against none (goal <= 1.03x), and generation "
+          "tokens/s of the patched model against stock (goal <= 1.05x time), interleaved in one process."),
     Bench("gpu", "bench_gpu.py", "GPU: Qwen3-30B-A3B-shaped slice",
           (("--layers", "4", "--batch", "8", "--seq", "2048", "--repeats", "10"),),
           (("--layers", "2", "--batch", "4", "--seq", "2048", "--repeats", "5"),),

@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         "weighting, for super experts). Writes profile.json, usage_heatmap.png and cumulative_usage.png.",
     )
     p.add_argument("--model", required=True, help="local folder or hub id (patched checkpoints are profiled as patched)")
-    p.add_argument("--data", required=True, help=".json/.jsonl file or hub id: LLM-Adapters, chat (`messages`) or {\"text\": ...} records")
+    p.add_argument("--data", required=True, help="a data file, folder or hub id in any format moe-sft train reads (docs/data.md), or {\"text\": ...} records")
     p.add_argument("--limit", type=positive_int, help="first N records")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--batch-size", type=positive_int, default=8)

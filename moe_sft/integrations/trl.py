@@ -21,16 +21,28 @@ FUSED_KWARGS = ("fused_lm_head", "labels", "shift_labels", "num_items_in_batch")
 _ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+def _closure(fn) -> dict:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code is not None else {}
+
+
 def fused_settings(model) -> dict:
     """{"temperature": T, "outputs": (...)} of the fused forward TRL installed on `model`
-    (`model.forward`, a closure of `add_fused_lm_head`); defaults when none is found."""
-    fn = getattr(getattr(model, "forward", None), "__func__", None)
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-    found = dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code is not None else {}
-    return {
-        "temperature": float(found.get("temperature", 1.0)),
-        "outputs": tuple(found.get("outputs", _ALL_OUTPUTS)),
-    }
+    (`model.forward`, a closure of `add_fused_lm_head`), found through the wrappers others put
+    around it (accelerate's mixed-precision `convert_outputs_to_fp32` / autocast wrappers keep
+    the wrapped function in `__wrapped__` or a closure cell); defaults when none is found."""
+    todo, seen = [getattr(model, "forward", None)], set()
+    while todo:
+        fn = todo.pop()
+        fn = getattr(fn, "__func__", fn)  # bound method -> function
+        if fn is None or id(fn) in seen or not callable(fn):
+            continue
+        seen.add(id(fn))
+        found = _closure(fn)
+        if "temperature" in found and "outputs" in found:
+            return {"temperature": float(found["temperature"]), "outputs": tuple(found["outputs"])}
+        todo.extend([getattr(fn, "__wrapped__", None), *(v for v in found.values() if callable(v))])
+    return {"temperature": 1.0, "outputs": _ALL_OUTPUTS}
 
 
 def fused_output(

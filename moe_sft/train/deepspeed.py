@@ -73,7 +73,7 @@ def ensure_process_group_env(ds: dict) -> None:
             f"deepspeed: a ZeRO-{zero_stage(ds)} run needs a complete launcher environment, but {', '.join(missing)} "
             "is not set. Start it with `deepspeed --num_gpus N --module moe_sft.cli train ...`, `torchrun "
             "--nproc_per_node N -m moe_sft.cli train ...` or `accelerate launch --num_processes N -m moe_sft.cli train "
-            "...` (README \"Launching\"), or as one plain process without RANK / WORLD_SIZE set"
+            "...` (docs/training.md \"Launching\"), or as one plain process without RANK / WORLD_SIZE set"
         )
 
 
