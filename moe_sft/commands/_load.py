@@ -1,4 +1,4 @@
-"""Model / tokenizer loading and output checks shared by the pruning verbs."""
+"""Model / tokenizer loading, argument types and output checks shared by the verbs."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def load_model(model: str, dtype: str):
         raise ConfigError(f"--dtype {dtype!r} is not a torch dtype (try auto, float32 or bfloat16)")
     placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
     return from_pretrained(model, dtype=torch_dtype, **placement).eval()
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, output_dir: str, example: str) -> None:
+    """CONFIG, key=value overrides, --resume and --overwrite: what every recipe verb takes.
+    `output_dir` names the YAML key of the run's folder (e.g. training.output_dir)."""
+    p.add_argument("config", help="recipe YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help=f"continue from CHECKPOINT, or from the latest complete checkpoint-* in {output_dir} when no folder is given",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"{output_dir} holds an earlier run: remove its checkpoints and final model first (without this or "
+        "--resume such a folder is refused)",
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._load import add_recipe_arguments
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,24 +15,7 @@ def add_parser(sub) -> None:
         "routing replay. Launch with python/moe-sft on one process, or under deepspeed / torchrun / accelerate launch "
         "for many. The final model goes to <grpo.output_dir>/final (see docs/rl.md).",
     )
-    p.add_argument("config", help="RL YAML (see configs/*/*grpo*.yaml)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. grpo.learning_rate=1e-6 routing_replay=none"
-    )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from CHECKPOINT, or from the latest checkpoint-* in grpo.output_dir when no folder is given",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="grpo.output_dir holds an earlier run: remove its checkpoints and final model first (without this or "
-        "--resume such a folder is refused)",
-    )
+    add_recipe_arguments(p, "grpo.output_dir", "grpo.learning_rate=1e-6 routing_replay=none")
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._load import add_recipe_arguments
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,24 +15,7 @@ def add_parser(sub) -> None:
         "with python/moe-sft on one process, or under deepspeed / torchrun / accelerate launch for many. "
         "The final model goes to <training.output_dir>/final; a `then:` YAML runs next from it.",
     )
-    p.add_argument("config", help="train YAML (see configs/)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.learning_rate=1e-5 data.max_samples=100"
-    )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from CHECKPOINT, or from the latest checkpoint-* in output_dir when no folder is given",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="training.output_dir holds an earlier run: remove its checkpoints and final model first (without "
-        "this or --resume such a folder is refused)",
-    )
+    add_recipe_arguments(p, "training.output_dir", "training.learning_rate=1e-5 data.max_samples=100")
     p.add_argument(
         "--dry-run",
         action="store_true",
