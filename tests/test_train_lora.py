@@ -3,11 +3,9 @@ adapter (not a full model) as its final output."""
 
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_sft.config import ConfigError
 from moe_sft.methods.lora import load_adapter
 from moe_sft.testing import tiny_batch, tiny_model
 from moe_sft.train.config import load_train_config
@@ -38,11 +36,3 @@ def test_lora_block_trains_adapters_only(tmp_path):
     peft_model = load_adapter(tiny_model("qwen3_moe", experts_implementation="eager"), final)
     with torch.no_grad():
         assert not torch.allclose(peft_model(**batch).logits, base_logits)
-
-
-def test_lora_with_zero3_is_refused_before_any_work(tmp_path):
-    cfg = load_train_config(RECIPE, [f"training.output_dir={tmp_path / 'out'}", "lora={}",
-                                     "deepspeed=configs/deepspeed/zero3.json"])
-    with pytest.raises(ConfigError, match="lora with ZeRO-3"):
-        train(cfg)
-    assert not (tmp_path / "out").exists()
