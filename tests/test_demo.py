@@ -1,5 +1,6 @@
 """`moe-sft demo --quick` end to end: its report, its reproducibility (same seed, CPU load), the
-pruning-after-fine-tuning step it reports, and the honesty of its corpus, tokenizer and metric."""
+pruning-after-fine-tuning step it reports, its RL arms, and the honesty of its corpus, tokenizer,
+metric and reward."""
 
 import dataclasses
 import json
@@ -21,7 +22,7 @@ from moe_sft.cli import main
 from moe_sft.demo import corpus
 from moe_sft.demo import evaluate as ev
 from moe_sft.demo.report import claim
-from moe_sft.demo.run import METHODS, QUICK, Arm, arm_yaml, texts
+from moe_sft.demo.run import METHODS, QUICK, RL_METHODS, Arm, arm_yaml, texts
 from moe_sft.demo.stats import exceeds_noise, mean_std
 from moe_sft.train import load_train_config
 from moe_sft.train.config import DataConfig
@@ -65,28 +66,34 @@ def _walk(x):
 
 # ---- the report ------------------------------------------------------------------------------
 def test_quick_run_writes_report_and_plots(quick, report):
-    names = [a.name for a in METHODS]
+    names, rl_names = [a.name for a in METHODS], [a.name for a in RL_METHODS]
     s = report["settings"]
-    assert s["methods"] == names and list(report["methods"]) == names and list(report["summary"]) == names
+    assert s["methods"] == names and [a["name"] for a in s["rl_methods"]] == rl_names
+    assert list(report["methods"]) == list(report["summary"]) == names + rl_names and list(report["rl"]) == rl_names
+    assert s["finetune_seeds"] == [0, 1] and all(a["seeds"] == [0] for a in s["rl_methods"])  # --quick: 1 GRPO seed
+    seeds = {**{a: s["finetune_seeds"] for a in names}, **{a["name"]: a["seeds"] for a in s["rl_methods"]}}
     for arm, runs in report["methods"].items():
-        assert [r["seed"] for r in runs] == s["finetune_seeds"] == [0, 1]
+        assert [r["seed"] for r in runs] == seeds[arm], arm
         for r in runs:
             assert r["steps"] == s["finetune_steps"], arm  # every arm trains as long, phases included
             assert 0 <= r["usage_entropy"] <= 1 and set(r["accuracy"]) == set(corpus.SKILL_NAMES)
             assert len(r["random"]) == s["prune_seeds"]
         for key in ("target", "rare", "other", "all", "tail_rare", "random_rare", "tail_all", "random_all"):
             m = report["summary"][arm][key]
-            assert m["n"] == 2 and 0 <= m["mean"] <= 1 and m["std"] >= 0, (arm, key)
+            assert m["n"] == len(seeds[arm]) and 0 <= m["mean"] <= 1 and m["std"] >= 0, (arm, key)
     assert report["pretrain"]["steps"] == s["pretrain_steps"]
     assert all(math.isfinite(v) for v in _walk(report))
     assert report["claim"]["subject"] == "condenser" and report["claim"]["tail_loss_rare"]["verdict"]
     md = (quick / "results.md").read_text()
     for arm in names:
         assert md.count(f"| {arm} |") == 2, arm  # fine-tuning table and pruning table
-    for text in ("Noise rule", "load average", "optimizer steps", "Wall time", "Claim:", report["machine"]["cpu"]):
+    for arm in rl_names:
+        assert md.count(f"| {arm} |") == 3, arm  # and the RL table
+    for text in ("Noise rule", "load average", "optimizer steps", "Wall time", "Claim:", report["machine"]["cpu"],
+                 "## 4. RL on `mul`", "| vanilla (SFT) |", "grpo − grpo_no_mask", "grpo − grpo_no_replay"):  # fmt: skip
         assert text in md, text
     for png in ("methods.png", "pruning.png", "routing.png", "skills.png", "profile/usage_heatmap.png",
-                "finetune/vanilla/seed0/expert_load.png"):  # fmt: skip
+                "finetune/vanilla/seed0/expert_load.png", "finetune/grpo/seed0/expert_load.png"):  # fmt: skip
         assert (quick / png).read_bytes()[:8] == PNG, png
     assert json.loads((quick / "demo.json").read_text())["status"] == "done"
 
@@ -115,6 +122,58 @@ def test_arms_ran_through_train_recipes(quick, report):
     assert first["then"].endswith("condenser/seed0_phase2.yaml")
     # the pre-trained base is a stock checkpoint (no moe_sft files), loadable by transformers alone
     assert not (quick / "pretrained" / "moe_sft_config.json").exists()
+
+
+def test_rl_arms_ran_through_rl_recipes(quick, report):
+    # Every RL arm and seed is a valid `moe-sft rl` YAML: GRPO from the pre-trained base with every
+    # method off, exact-match reward, the arm's mask and replay, as many updates as the SFT arms,
+    # fp32; its prompts are the SFT arms' questions rendered as the evaluation feeds them.
+    from moe_sft.data import rl_prompts
+    from moe_sft.rl import load_rl_config
+
+    s = report["settings"]
+    sft = [json.loads(line)["messages"] for line in (quick / "data" / "finetune_mul.jsonl").read_text().splitlines()]
+    tok = corpus.tokenizer()
+    for arm in RL_METHODS:
+        for seed in next(a["seeds"] for a in s["rl_methods"] if a["name"] == arm.name):
+            cfg = load_rl_config(quick / "configs" / arm.name / f"seed{seed}.yaml")
+            assert cfg.model.path == str(quick / "pretrained") and cfg.routing_replay == arm.routing_replay
+            assert [r.type for r in cfg.rewards] == ["exact_match"] and cfg.grpo["bf16"] is False
+            g = cfg.grpo
+            assert g["max_steps"] == s["finetune_steps"] and g["top_entropy_quantile"] == arm.top_entropy_quantile
+            assert g["per_device_train_batch_size"] == s["finetune_batch_size"] and g["learning_rate"] == s["finetune_lr"]
+            assert g["num_generations"] == s["rl_generations"] == 8
+            assert g["seed"] == seed and g["router_aux_loss_coef"] == 0.0  # no aux loss, as the SFT arms
+            assert g["max_completion_length"] == s["rl_max_completion_length"] == 4  # "891" + EOS
+            assert (quick / "finetune" / arm.name / f"seed{seed}" / "final" / "moe_sft_config.json").is_file()
+            assert report["methods"][arm.name][0]["steps"] == s["finetune_steps"]
+    prompts = rl_prompts(tok, cfg.data)
+    assert [(p.prompt, p.answer) for p in prompts] == [(f"<s>{u['content']}=", a["content"]) for u, a in sft]
+
+
+def test_rl_metrics_come_from_the_run_log(report):
+    # The RL table's numbers are the logged ones: rollout replay leaves no mismatch in the experts
+    # the training forward used; without replay the forward uses its router's own picks; the
+    # forking-token mask keeps its top 20% of tokens (ties included) and is off at rho 1.
+    for arm in RL_METHODS:
+        for run in report["methods"][arm.name]:
+            rl, log = run["rl"], run["rl"]["log"]
+            steps = report["settings"]["finetune_steps"]
+            assert [e["step"] for e in log] == list(range(1, steps + 1))  # logging_steps 1 in --quick
+            assert rl["reward_first"] == log[0]["reward"] and rl["reward_last"] == log[-1]["reward"]
+            for key in ("routing/mismatch", "routing/mismatch_replayed", "routing/mismatch_tokens"):
+                assert all(0 <= e[key] <= 1 for e in log), key
+            assert rl["mismatch"] == pytest.approx(sum(e["routing/mismatch"] for e in log) / len(log))
+            if arm.routing_replay == "rollout":
+                assert all(e["routing/mismatch_replayed"] == 0 for e in log)
+            else:
+                assert all(e["routing/mismatch_replayed"] == e["routing/mismatch"] for e in log)
+            if arm.top_entropy_quantile < 1:
+                assert all(0.2 <= e["entropy_mask/kept_fraction"] < 0.5 for e in log)
+            else:
+                assert rl["kept_fraction"] is None and not any("entropy_mask/kept_fraction" in e for e in log)
+        assert report["rl"][arm.name]["mismatch"]["mean"] == pytest.approx(
+            sum(r["rl"]["mismatch"] for r in report["methods"][arm.name]) / len(report["methods"][arm.name]))
 
 
 def test_an_arm_is_data(tmp_path):
@@ -295,6 +354,39 @@ def test_exact_match_equals_greedy_generation(quick):
     expected = [g == a for g, (_, a) in zip(greedy, pairs)] + [True] * sum(1 for g in greedy if g)
     assert verdicts == expected
     assert any(verdicts) and not all(verdicts)
+
+
+def test_reward_is_the_evaluations_verdict(quick, report):
+    # A GRPO reward of 1 is exactly what the demo's evaluation counts correct: greedy completions
+    # (as long as the RL arms' completions may be), decoded as TRL decodes them, scored by the
+    # exact_match reward, against `exact_match` on the same questions and golds. Questions whose
+    # answer fits that length (as every `mul` answer does).
+    from transformers import AutoModelForCausalLM
+
+    from moe_sft.rl import ExactMatchReward
+
+    tok = corpus.tokenizer()
+    limit = report["settings"]["rl_max_completion_length"]
+    model = AutoModelForCausalLM.from_pretrained(quick / "finetune" / "vanilla" / "seed0" / "final").eval()
+    pairs = [(q, a) for name in corpus.SKILL_NAMES for q, a in corpus.eval_set(8, seed=11)[name] if len(a) < limit]
+    completions, golds = [], []
+    for q, a in pairs:
+        ids = tok(f"<s>{q}=", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=limit, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)  # fmt: skip
+        new = out[0, ids.shape[1] :].tolist()
+        text = tok.decode(new, skip_special_tokens=True)
+        completions.append(text)
+        golds.append((q, a))
+        if new[-1] == tok.eos_token_id:  # the model's own answer as a gold too, so both verdicts occur
+            completions.append(text)
+            golds.append((q, text))
+    rewards = ExactMatchReward()(completions=completions, answer=[a for _, a in golds])
+    verdicts = ev.exact_match(model, tok, golds)
+    assert [r == 1.0 for r in rewards] == verdicts
+    assert any(verdicts) and not all(verdicts)
+    assert any(corpus.skill_of(q) == "mul" for q, _ in golds)
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path):

@@ -24,10 +24,9 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     """Per (question, answer): does greedy decoding after `<s>question=` give `answer</s>`?
     One teacher-forced forward per batch (see the module docstring)."""
     eos = tokenizer.eos_token_id
-    rows = []
-    for q, a in pairs:
-        prompt = tokenizer(f"<s>{q}=", add_special_tokens=False)["input_ids"]
-        rows.append((prompt, tokenizer(a, add_special_tokens=False)["input_ids"] + [eos]))
+    prompts = tokenizer([f"<s>{q}=" for q, _ in pairs], add_special_tokens=False)["input_ids"]  # one batched call
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False)["input_ids"]
+    rows = [(p, r + [eos]) for p, r in zip(prompts, answers)]
     was_training = model.training
     model.eval()
     out = []

@@ -11,6 +11,9 @@ from .stats import NOISE_RULE, exceeds_noise, mean_std
 # The claim under test (arXiv 2604.23036): condensers consolidate the long tail, so the condenser
 # model loses less than these arms when its own long tail is masked.
 CLAIM = ("condenser", ("densemixer", "esft"))
+# The RL arms' contrasts the report states: (what, arm a, arm b), a − b.
+RL_CONTRASTS = (("the forking-token mask (ρ 0.2 vs 1.0)", "grpo", "grpo_no_mask"),
+                ("routing replay (rollout vs none)", "grpo", "grpo_no_replay"))  # fmt: skip
 GROUPS = (("target", "target"), ("rare", "rare skills"), ("other", "other skills"))
 MARK = "†"  # differs from the baseline beyond the noise
 TAIL_MARK = "‡"  # tail masked differs from random masked beyond the noise
@@ -89,9 +92,10 @@ def header(r: dict) -> list[str]:
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), {m['threads']} torch thread(s), torch {m['torch']}; load average "
         f"(1, 5, 15 min) {load(m['load_average_start'])} at the start, {load(m['load_average_end'])} at the end. "
         f"Wall time {t['seconds']:.0f} s (process CPU time {t['cpu_seconds']:.0f} s); pre-training "
-        f"{t['pretrain']['seconds']:.0f} s at {t['pretrain']['median_step_ms']:.0f} ms/step (median), fine-tuning and "
-        f"evaluation {t['finetune_seconds']:.0f} s. Every number but these timings is the same on every run of this command "
-        "with the same thread count.",
+        f"{t['pretrain']['seconds']:.0f} s at {t['pretrain']['median_step_ms']:.0f} ms/step (median), SFT fine-tuning and "
+        f"evaluation {t['finetune_seconds']:.0f} s, the GRPO arms and their evaluation {t['rl_seconds']:.0f} s (CPU time "
+        f"{t['rl_cpu_seconds']:.0f} s). Every number but these timings is the same on every run of this command with the "
+        "same thread count.",
         "",
         f"Noise rule: a difference is marked when {NOISE_RULE}. The evaluation questions are fixed "
         f"({s['eval_per_skill']} per skill), so the seeds' spread does not include question-sampling noise "
@@ -129,7 +133,8 @@ def finetune_section(r: dict) -> list[str]:
     rare = ", ".join(s["rare_skills"])
     lines = [
         "",
-        f"## 2. Fine-tuning on `{s['target']}` alone (mean ± std over seeds; {MARK}: differs from {s['baseline']} beyond the noise)",
+        f"## 2. Fine-tuning on `{s['target']}` alone (mean ± std over seeds; {MARK}: differs from {s['baseline']} beyond "
+        "the noise; the grpo arms: section 4)",
         "",
         f"| arm | {s['target']} (target) | rare skills ({rare}) | other skills (weighted) | usage entropy | step (ms, timing) |",
         "|---|---|---|---|---|---|",
@@ -185,8 +190,81 @@ def _tail_vs_random(summary: dict) -> str:
     return "Arms whose own long tail costs less than random experts, beyond the noise — " + "; ".join(parts) + "."
 
 
+def rl_section(r: dict) -> list[str]:
+    """The RL arms next to SFT vanilla: target, forgetting of the other skills, reward, the
+    forking-token mask and the routing mismatch between generation and training forward."""
+    s, summ, rl = r["settings"], r["summary"], r["rl"]
+    arms = s["rl_methods"]
+    pre = dict(zip((g for g, _ in GROUPS), _pre_groups(r)))
+    seeds = "; ".join(f"{a['name']} {', '.join(map(str, a['seeds']))}" for a in arms)
+    lines = [
+        "",
+        f"## 4. RL on `{s['target']}`: GRPO with an exact-match reward, the forking-token mask, routing replay",
+        "",
+        f"GRPO (`moe_sft.rl.train_rl`, TRL's GRPOTrainer) from the pre-trained model, every method off, on the SFT arms' "
+        f"`{s['target']}` questions: {s['finetune_steps']} updates as the SFT arms, each on {s['finetune_batch_size']} "
+        f"completions ({s['finetune_batch_size'] // s['rl_generations']} prompts × {s['rl_generations']} generations, "
+        f"temperature 1, at most {s['rl_max_completion_length']} tokens: the longest "
+        f"answer and EOS), reward 1 when the completion equals the answer; lr {s['finetune_lr']:g} cosine, no KL, no aux "
+        f"loss, fp32. Seeds: {seeds}. ρ: the policy loss on the top-ρ "
+        "completion tokens by entropy. Forgetting: the pre-trained model's accuracy on the other skills (weighted) "
+        f"minus the arm's. Groups with a signal: the share of GRPO groups whose rewards are not all equal (only those "
+        f"have non-zero advantages). {MARK}: differs from {s['baseline']} beyond the noise.",
+        "",
+        f"| arm | ρ | routing replay | {s['target']} (target) | other skills | forgetting | reward: first → last "
+        "logged window | groups with a signal | tokens kept by the mask | mismatch: router's own picks vs generation | "
+        "mismatch: experts used vs generation | tokens with a mismatch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| pre-trained (no fine-tuning) | — | — | {pre['target']:.3f} | {pre['other']:.3f} | 0 |" + " — |" * 6,
+    ]
+    base = summ.get(s["baseline"])
+
+    def cells(name: str) -> str:
+        m = summ[name]
+        mark = lambda g: MARK if base and name != s["baseline"] and exceeds_noise(m[g], base[g]) else ""  # noqa: E731
+        forget = mean_std([pre["other"] - x for x in _group_values(r["methods"][name], s["target"], "other")])
+        return f"{_ms(m['target'])}{mark('target')} | {_ms(m['other'])}{mark('other')} | {_ms(forget)}"
+
+    if base:
+        lines.append(f"| {s['baseline']} (SFT) | — | — | {cells(s['baseline'])} |" + " — |" * 6)
+    for spec in arms:
+        name, q = spec["name"], rl[spec["name"]]
+        opt = lambda k, fmt=".3f": "—" if q[k] is None else _ms(q[k], fmt)  # noqa: E731
+        lines.append(f"| {name} | {spec['top_entropy_quantile']:g} | {spec['routing_replay']} | {cells(name)} | "
+                     f"{_ms(q['reward_first'])} → {_ms(q['reward_last'])} | {_ms(q['signal_groups'])} | {opt('kept_fraction')} | "
+                     f"{opt('mismatch', '.4f')} | {opt('mismatch_replayed', '.4f')} | {opt('mismatch_tokens', '.4f')} |")  # fmt: skip
+    return lines + ["", *rl_comparisons(r)]
+
+
+def _group_values(runs: list[dict], target: str, group: str) -> list[float]:
+    """One accuracy group of each run (seed)."""
+    from .evaluate import groups
+
+    return [groups(x["accuracy"], target)[group] for x in runs]
+
+
+def rl_comparisons(r: dict) -> list[str]:
+    """Each RL contrast on the seeds both arms ran (seed k of either arm starts from the same
+    data order and sampling seed): the difference of target and other-skill accuracy, under the
+    noise rule, and whether the runs gave identical accuracies on every skill."""
+    out = []
+    for what, a, b in RL_CONTRASTS:
+        runs = {arm: {x["seed"]: x for x in r["methods"].get(arm, [])} for arm in (a, b)}
+        common = sorted(set(runs[a]) & set(runs[b]))
+        if not common:
+            continue
+        parts = []
+        for g, label in (("target", r["settings"]["target"]), ("other", "other skills")):
+            ma, mb = (mean_std(_group_values([runs[arm][k] for k in common], r["settings"]["target"], g)) for arm in (a, b))
+            parts.append(f"{label} {ma['mean'] - mb['mean']:+.3f} ({_noise_word(exceeds_noise(ma, mb))})")
+        same = all(runs[a][k]["accuracy"] == runs[b][k]["accuracy"] for k in common)
+        out.append(f"- {what}, seed(s) {', '.join(map(str, common))}: {a} − {b}: {'; '.join(parts)}"
+                   + ("; identical accuracies on every skill." if same else "."))  # fmt: skip
+    return out
+
+
 def markdown(r: dict) -> str:
-    return "\n".join(header(r) + tail_section(r) + finetune_section(r) + pruning_section(r)) + "\n"
+    return "\n".join(header(r) + tail_section(r) + finetune_section(r) + pruning_section(r) + rl_section(r)) + "\n"
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -211,7 +289,7 @@ def plot_methods(out: Path, r: dict) -> str:
     summ, target = r["summary"], r["settings"]["target"]
     names = ["pre-trained", *summ]
     pre = _pre_groups(r)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.27
     for j, (key, label) in enumerate(GROUPS):
         means = [pre[j]] + [summ[a][key]["mean"] for a in summ]
@@ -221,7 +299,8 @@ def plot_methods(out: Path, r: dict) -> str:
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"after fine-tuning on {target} alone (mean ± std over {r['settings']['seeds']} seeds)")
+    ax.set_title(f"after fine-tuning on {target} alone: SFT ({r['settings']['seeds']} seeds) and GRPO arms "
+                 "(mean ± std over seeds)")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     _savefig(fig, out / "methods.png")
@@ -292,9 +371,9 @@ def plot_skills(out: Path, r: dict) -> str:
     ax.set_xticks(range(len(skills)), [f"{k}\n{w[k]:.0%}" for k in skills], fontsize=8)
     ax.set_ylabel("exact-match accuracy (mean over seeds)")
     ax.set_title("accuracy per skill (corpus frequency below the name)")
-    ax.set_ylim(0, 1.3)  # room for the legend above the bars
+    ax.set_ylim(0, 1.4)  # room for the legend (two rows) above the bars
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.legend(fontsize=7, ncol=len(series), loc="upper center")
+    ax.legend(fontsize=7, ncol=(len(series) + 1) // 2, loc="upper center")
     fig.tight_layout()
     _savefig(fig, out / "skills.png")
     plt.close(fig)

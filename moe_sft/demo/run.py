@@ -14,7 +14,12 @@
 5. per fine-tuned model: accuracy on the target, the rare and the other skills, and the claim
    under test: accuracy on the rare and on all skills with that model's own long tail (the
    least-used quarter of each layer, from a profile of that model) masked, against random
-   quarters; mean ± std over seeds, differences beyond the noise marked (`stats.py`).
+   quarters; mean ± std over seeds, differences beyond the noise marked (`stats.py`);
+6. the RL arms (`RL_METHODS`): GRPO from the same pre-trained model on the same target prompts,
+   exact-match reward, through `moe_sft.rl.train_rl` on `moe-sft rl` YAMLs in `<out>/configs/`,
+   as many updates as the SFT arms, with and without the forking-token mask and routing
+   replay; evaluated as in step 5, plus the reward, the mask's kept fraction and the routing
+   mismatch between generation and training forward from the run's log.
 
 Everything is budgeted in optimizer steps, on the CPU, with `threads` torch threads: the same
 command gives the same numbers (`results.json`, timing and machine sections aside) on every run.
@@ -71,6 +76,30 @@ BASELINE = "vanilla"  # the arm every other arm's accuracies are compared with
 
 
 @dataclasses.dataclass(frozen=True)
+class RLArm:
+    """One GRPO arm: `moe-sft rl` from the pre-trained model (every method off) on the target
+    skill's prompts, with its forking-token mask (`grpo.top_entropy_quantile`: the policy loss
+    on that top fraction of completion tokens by entropy; 1.0 = every token) and
+    `routing_replay`. `seeds`: how many of the RL seeds it runs (None: all of them)."""
+
+    name: str
+    top_entropy_quantile: float
+    routing_replay: str
+    seeds: int | None = None
+
+
+# The RL arms, in table order (data, as METHODS). The last one only measures the routing
+# mismatch that replay removes (its run is otherwise the first's), so one seed is enough.
+RL_METHODS: tuple[RLArm, ...] = (
+    RLArm("grpo", 0.2, "rollout"),  # moe-sft rl's defaults: top 20% entropy tokens, rollout replay (R3)
+    RLArm("grpo_no_mask", 1.0, "rollout"),  # the policy loss on every completion token
+    RLArm("grpo_no_replay", 0.2, "none", seeds=1),  # the training forward routes by itself
+)
+RL_LOGGED = ("reward", "frac_reward_zero_std", "routing/mismatch", "routing/mismatch_replayed", "routing/mismatch_tokens",
+             "entropy_mask/kept_fraction")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoSettings:
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3  # AdamW, cosine with warm-up
@@ -87,6 +116,8 @@ class DemoSettings:
     profile_texts: int = 1000  # corpus texts (Zipf mix) each usage profile is taken on
     prune_ratio: float = 0.25
     prune_seeds: int = 3  # random masks per model
+    rl_seeds: int = 2  # GRPO seeds per RL arm (seed, seed + 1, ...)
+    rl_generations: int = 8  # completions per prompt (a GRPO group); finetune_batch_size completions per update
     target: str = "mul"
     seed: int = 0
 
@@ -95,15 +126,20 @@ class DemoSettings:
             raise ConfigError(f"demo target skill {self.target!r} is not one of {', '.join(corpus.SKILL_NAMES)}")
         if self.seeds < 1:
             raise ConfigError(f"--seeds {self.seeds}: give at least 1 fine-tuning seed (3 or more for a noise estimate)")
+        if self.rl_seeds < 1:
+            raise ConfigError(f"--rl-seeds {self.rl_seeds}: give at least 1 GRPO seed (2 or more for a noise estimate)")
 
     @property
     def finetune_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
 
+    def rl_arm_seeds(self, arm: RLArm) -> list[int]:
+        return [self.seed + i for i in range(min(self.rl_seeds, arm.seeds or self.rl_seeds))]
+
 
 QUICK = DemoSettings(
     pretrain_steps=40, pretrain_warmup_steps=4, finetune_steps=4, seeds=2, pretrain_records=1000,
-    finetune_records=200, finetune_batch_size=16, eval_per_skill=12, profile_texts=64, prune_seeds=2,
+    finetune_records=200, finetune_batch_size=16, eval_per_skill=12, profile_texts=64, prune_seeds=2, rl_seeds=1,
 )  # fmt: skip
 
 MODEL = dict(  # Qwen3-MoE-shaped, ~1.0M parameters
@@ -132,8 +168,8 @@ def _write_jsonl(path: Path, pairs) -> str:
     return str(path)
 
 
-def _write_yaml(path: Path, data: dict) -> Path:
-    atomic_write_text(path, f"# moe-sft train {path}\n" + yaml.safe_dump(data, sort_keys=False))
+def _write_yaml(path: Path, data: dict, command: str = "train") -> Path:
+    atomic_write_text(path, f"# moe-sft {command} {path}\n" + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -277,10 +313,14 @@ def evaluate_finetuned(final: Path, tokenizer, evalset, profile_texts: list[str]
     }
 
 
-def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset) -> tuple[dict, dict]:
-    """Every arm x every seed: train, evaluate. Returns (results, timing), both {arm: [per seed]}."""
+def target_pairs(s: DemoSettings, evalset) -> list[tuple[str, str]]:
+    """The fine-tuning examples: `finetune_records` of the target skill, none an evaluation question."""
     held_out = frozenset(q for q, _ in evalset[s.target])
-    pairs = corpus.sample(s.finetune_records, s.seed + 2, skills={s.target: 1.0}, exclude=held_out)
+    return corpus.sample(s.finetune_records, s.seed + 2, skills={s.target: 1.0}, exclude=held_out)
+
+
+def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs) -> tuple[dict, dict]:
+    """Every arm x every seed: train on `pairs`, evaluate. Returns (results, timing), both {arm: [per seed]}."""
     data = _write_jsonl(out / "data" / f"finetune_{s.target}.jsonl", pairs)
     profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))
     results, timing = {}, {}
@@ -295,6 +335,93 @@ def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset) -> 
     return results, timing
 
 
+# ---- the RL arms ----------------------------------------------------------------------------
+def rl_recipe(arm: RLArm, base: str, data_file: str, out_dir: Path, s: DemoSettings, seed: int, completion_len: int) -> dict:
+    """The `moe-sft rl` YAML of one RL arm and seed: the SFT arms' number of updates, batch (as
+    many completions as their batch has sequences: finetune_batch_size / rl_generations prompts
+    per update), lr and schedule; no aux loss (as the SFT arms: their checkpoint has router
+    logits off); fp32."""
+    return {
+        "model": {"path": base},
+        "data": {"files": [data_file], "prompt_template": "chat", "max_length": 32},  # the demo's chat template
+        "rewards": [{"type": "exact_match"}],
+        "routing_replay": arm.routing_replay,
+        "grpo": {
+            "output_dir": str(out_dir), "max_steps": s.finetune_steps, "per_device_train_batch_size": s.finetune_batch_size,
+            "num_generations": s.rl_generations, "max_completion_length": completion_len,
+            "top_entropy_quantile": arm.top_entropy_quantile, "learning_rate": s.finetune_lr, "lr_scheduler_type": "cosine",
+            "warmup_steps": 0, "weight_decay": 0.0, "router_aux_loss_coef": 0.0, "gradient_checkpointing": False, "bf16": False,
+            "logging_steps": max(s.finetune_steps // 5, 1), "save_strategy": "no", "report_to": "none", "seed": seed,
+            "data_seed": seed, "dataloader_pin_memory": False, "use_cpu": True, "disable_tqdm": True,
+        },  # fmt: skip
+    }
+
+
+def rl_run(path: Path, cfg: dict, seed: int) -> tuple[Path, dict, list[dict]]:
+    """`train_rl` on one RL YAML's dict from a fixed RNG state: the final model folder, the step
+    timing and the log history."""
+    from ..rl import parse_rl_config, train_rl
+    from ..train.callbacks import StepTimer
+
+    torch.manual_seed(seed)
+    timer, t0 = StepTimer(), time.perf_counter()
+    result = train_rl(parse_rl_config(cfg, source=path), callbacks=(timer,))
+    timing = {"steps": len(timer.times), "seconds": time.perf_counter() - t0, "median_step_ms": 1000 * timer.median()}
+    return result.final_dir, timing, result.log_history
+
+
+def rl_metrics(log_history: list[dict]) -> dict:
+    """From a GRPO run's log: `RL_LOGGED` per logged step (`log`), the reward of the first and
+    the last logged window, and the means over the logged windows (each one TRL's mean over its
+    steps' training forwards) of the share of GRPO groups with a learning signal (rewards not all
+    equal, so non-zero advantages), of the mask's kept fraction and of the routing mismatch:
+    `mismatch` the router's own picks in the training forward against generation's (what the
+    forward would use without replay), `mismatch_replayed` the experts it used, `mismatch_tokens`
+    completion tokens with a difference in some layer. None where the run logged no such value
+    (kept_fraction without the mask)."""
+    log = [{"step": e["step"], **{k: e[k] for k in RL_LOGGED if k in e}} for e in log_history if "reward" in e]
+    if not log:
+        raise RuntimeError("the GRPO run logged no reward; it trained no step")
+
+    def mean(key):
+        values = [e[key] for e in log if key in e]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "reward_first": log[0]["reward"], "reward_last": log[-1]["reward"], "signal_groups": 1 - mean("frac_reward_zero_std"),
+        "kept_fraction": mean("entropy_mask/kept_fraction"), "mismatch": mean("routing/mismatch"),
+        "mismatch_replayed": mean("routing/mismatch_replayed"), "mismatch_tokens": mean("routing/mismatch_tokens"),
+        "log": log,
+    }  # fmt: skip
+
+
+def completion_length(pairs) -> int:
+    """GRPO's max_completion_length: the longest answer and EOS (one token per character)."""
+    return max(len(a) for _, a in pairs) + 1
+
+
+def rl_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs) -> tuple[dict, dict]:
+    """Every RL arm x its seeds: GRPO, evaluate as the SFT arms (`evaluate_finetuned`), plus
+    the run's `rl_metrics`. Returns (results, timing), both {arm: [per seed]}. The prompts are
+    the SFT arms' examples `pairs` (the same questions), as `instruction` + `answer` records."""
+    data = out / "data" / f"rl_{s.target}.jsonl"
+    atomic_write_text(data, "".join(json.dumps({"instruction": q, "answer": a}) + "\n" for q, a in pairs))
+    profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))
+    results, timing = {}, {}
+    for arm in RL_METHODS:
+        for seed in s.rl_arm_seeds(arm):
+            run_dir = out / "finetune" / arm.name / f"seed{seed}"
+            cfg = rl_recipe(arm, str(base), str(data), run_dir, s, seed, completion_length(pairs))
+            path = _write_yaml(out / "configs" / arm.name / f"seed{seed}.yaml", cfg, command="rl")
+            logger.info("demo: GRPO %s (seed %d) on %s for %d steps (%s)", arm.name, seed, s.target, s.finetune_steps, path)
+            final, run_timing, log_history = rl_run(path, cfg, seed)
+            steps = run_timing.pop("steps")
+            evaluation = evaluate_finetuned(final, tokenizer, evalset, profile_texts, s)
+            results.setdefault(arm.name, []).append({"seed": seed, "steps": steps, **evaluation, "rl": rl_metrics(log_history)})
+            timing.setdefault(arm.name, []).append(run_timing)
+    return results, timing
+
+
 # ---- summary ------------------------------------------------------------------------------
 def summarise(results: dict, target: str) -> dict:
     """{arm: {metric: mean_std over seeds}}: accuracy groups of the full model (target, rare,
@@ -304,6 +431,16 @@ def summarise(results: dict, target: str) -> dict:
     for arm, runs in results.items():
         per_seed = [_seed_metrics(r, target) for r in runs]
         out[arm] = {k: mean_std([m[k] for m in per_seed]) for k in per_seed[0]}
+    return out
+
+
+def summarise_rl(results: dict) -> dict:
+    """{RL arm: {rl metric: mean_std over seeds, or None where the run logged none}}."""
+    out = {}
+    for arm in RL_METHODS:
+        runs = results[arm.name]
+        out[arm.name] = {k: None if runs[0]["rl"][k] is None else mean_std([r["rl"][k] for r in runs])
+                         for k in runs[0]["rl"] if k != "log"}  # fmt: skip
     return out
 
 
@@ -333,13 +470,15 @@ def _machine(threads: int) -> dict:
 
 # ---- entry point --------------------------------------------------------------------------
 def run_demo(out: str | os.PathLike = "outputs/demo", quick: bool = False, threads: int = 1, seeds: int | None = None,
-             seed: int = 0) -> dict:  # fmt: skip
+             seed: int = 0, rl_seeds: int | None = None) -> dict:  # fmt: skip
     """Run every step; return the results dict also written to `<out>/results.json`.
     `threads`: torch CPU threads (the numbers are reproducible for a given count; one is the
     default: the matrices are small, and extra threads mostly contend on a shared machine).
-    `seeds`: fine-tuning seeds (default 3; 2 with `quick`); `seed`: the base seed of everything."""
+    `seeds`: fine-tuning seeds (default 3; 2 with `quick`); `rl_seeds`: GRPO seeds per RL arm
+    (default 2; 1 with `quick`); `seed`: the base seed of everything."""
     s = QUICK if quick else DemoSettings()
-    s = dataclasses.replace(s, seeds=s.seeds if seeds is None else seeds, seed=seed)
+    s = dataclasses.replace(s, seeds=s.seeds if seeds is None else seeds, rl_seeds=s.rl_seeds if rl_seeds is None else rl_seeds,
+                            seed=seed)  # fmt: skip
     if threads < 1:
         raise ConfigError(f"threads={threads}: give a positive number of torch threads")
     out = Path(out)
@@ -375,19 +514,27 @@ def _study(out: Path, s: DemoSettings, quick: bool, machine: dict) -> dict:
     pre.update(study_pretrained(model, tokenizer, s, evalset, out))
     del model
     t1 = time.perf_counter()
-    results, ft_timing = finetune_all(base, out, s, tokenizer, evalset)
+    pairs = target_pairs(s, evalset)
+    results, ft_timing = finetune_all(base, out, s, tokenizer, evalset, pairs)
+    t2, cpu2 = time.perf_counter(), time.process_time()
+    rl_results, rl_timing = rl_all(base, out, s, tokenizer, evalset, pairs)
     machine["load_average_end"] = list(os.getloadavg())
-    summary = summarise(results, s.target)
+    summary = summarise({**results, **rl_results}, s.target)
+    rl_arms = [{**dataclasses.asdict(a), "seeds": s.rl_arm_seeds(a)} for a in RL_METHODS]
     return {
         "settings": {**dataclasses.asdict(s), "finetune_seeds": s.finetune_seeds, "quick": quick, "methods": [a.name for a in METHODS], "baseline": BASELINE,
-                     "model": MODEL, "skill_frequencies": corpus.skill_weights(),
+                     "rl_methods": rl_arms, "rl_max_completion_length": completion_length(pairs), "model": MODEL,
+                     "skill_frequencies": corpus.skill_weights(),
                      "rare_skills": ev.rare_skills(s.target)},  # fmt: skip
         "pretrain": pre,
-        "methods": results,
+        "methods": {**results, **rl_results},
         "summary": summary,
+        "rl": summarise_rl(rl_results),
         "claim": report.claim(summary),
         "machine": machine,
         "timing": {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
                    "pretrain": pre_timing, "pretrained_study_seconds": t1 - t0 - pre_timing["seconds"],
-                   "finetune_seconds": time.perf_counter() - t1, "finetune": ft_timing},  # fmt: skip
+                   "finetune_seconds": t2 - t1, "rl_seconds": time.perf_counter() - t2,
+                   "rl_cpu_seconds": time.process_time() - cpu2,
+                   "finetune": {**ft_timing, **rl_timing}},  # fmt: skip
     }
