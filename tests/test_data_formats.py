@@ -205,6 +205,19 @@ def test_format_override_and_auto_detection_per_file(tmp_path, tok):
         build_dataset(tok, DataConfig(files=[str(mixed)]))
 
 
+@pytest.mark.parametrize("alias, name", [("alpaca", "llm_adapters"), ("openai", "messages")])
+def test_llama_factory_format_names_are_accepted(tmp_path, tok, alias, name):
+    # LLaMA-Factory calls the formats alpaca and openai; they resolve to ours on construction (so the
+    # saved config holds one name) and read the same examples.
+    recs = {"alpaca": [{"instruction": "a", "input": "b", "output": "c"}],
+            "openai": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]}[alias]
+    path = str(_write(tmp_path / "r.jsonl", recs))
+    block, src = DataConfig(files=[path], format=alias), DataConfig.Source(path=path, format=alias)
+    assert block.format == src.format == name
+    want = build_dataset(tok, DataConfig(files=[path], format=name)).examples
+    assert build_dataset(tok, block).examples == build_dataset(tok, DataConfig(sources=[src])).examples == want
+
+
 def test_base_model_without_chat_template_is_told_what_to_choose(tmp_path):
     base = tiny_tokenizer(chat_template=None)
     chat = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])

@@ -89,7 +89,7 @@ def test_typo_key_fails_naming_it(data, key):
         (_minimal(training={"learning_rate": 1e-5}), r"training\.output_dir"),
         (_minimal(model={"tiny": "qwen3_moe", "path": "x"}), "exactly one of"),
         (_minimal(model={"tiny": "qwen3_moe", "dtype": "fp33"}), r"model\.dtype"),
-        (_minimal(data={"files": ["a.jsonl"], "format": "alpaca"}), r"data\.format"),
+        (_minimal(data={"files": ["a.jsonl"], "format": "csv"}), r"data\.format"),
         (_minimal(deepspeed=3), "deepspeed"),
         ({"model": {"tiny": "qwen3_moe"}, "training": {"output_dir": "o"}}, "data"),
     ],

@@ -23,6 +23,8 @@ from .records import IGNORE_INDEX, DataError, Record
 
 FORMATS = ("auto", "llm_adapters", "sharegpt", "messages", "prompt_completion", "tokenized", "text")
 CHAT_FORMATS = ("sharegpt", "messages")
+# LLaMA-Factory's `formatting` names, accepted as `format` values and resolved to ours on construction.
+FORMAT_ALIASES = {"alpaca": "llm_adapters", "openai": "messages"}
 
 # LLaMA-Factory's ShareGPT tags and their defaults (its dataset_info.json `tags` block).
 SHAREGPT_TAGS = {

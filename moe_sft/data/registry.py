@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .formats import SHAREGPT_TAGS
+from .formats import FORMAT_ALIASES, SHAREGPT_TAGS
 from .records import DataError
 from .sources import SourceSpec
 
@@ -35,7 +35,7 @@ _ROLES = {
 }  # fmt: skip
 _DEFAULT_COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
                     "sharegpt": {"messages": "conversations"}, "openai": {"messages": "conversations"}}  # fmt: skip
-_FORMAT = {"alpaca": "llm_adapters", "sharegpt": "sharegpt", "openai": "messages"}
+_FORMAT = {**FORMAT_ALIASES, "sharegpt": "sharegpt"}
 _UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "chosen", "rejected", "kto_tag")
 _KEYS = {"hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name", "file_sha1",
          "formatting", "ranking", "subset", "split", "folder", "num_samples", "columns", "tags"}  # fmt: skip

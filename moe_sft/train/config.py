@@ -72,8 +72,9 @@ class DataConfig:
     dataset_dir      the folder of that dataset_info.json (`ONLINE`: the names are hub ids)
     split            split of hub / folder datasets (default of every source)
     format           auto (decided per source from its first record), llm_adapters (Alpaca records:
-                     instruction/input/output, system, history), sharegpt (conversations), messages
-                     (OpenAI chat), prompt_completion, tokenized (input_ids/labels), text (profiling only)
+                     instruction/input/output, system, history; `alpaca` is the same), sharegpt
+                     (conversations), messages (OpenAI chat; `openai` is the same), prompt_completion,
+                     tokenized (input_ids/labels), text (profiling only)
     prompt_template  alpaca: alpaca records through LLM-Adapters' prompt (as its evaluation uses), chat
                      records through the tokenizer's chat template; chat: every record through the
                      tokenizer's chat template; or the path of a Jinja chat template file (.jinja)
@@ -91,7 +92,9 @@ class DataConfig:
                      (ESFT's expert scores)
     """
 
-    Format = Literal["auto", "llm_adapters", "sharegpt", "messages", "prompt_completion", "tokenized", "text"]
+    # alpaca / openai: LLaMA-Factory's names of llm_adapters / messages, resolved on construction
+    Format = Literal["auto", "llm_adapters", "sharegpt", "messages", "prompt_completion", "tokenized", "text", "alpaca",
+                     "openai"]  # fmt: skip
 
     @dataclasses.dataclass
     class Source:
@@ -119,8 +122,9 @@ class DataConfig:
         num_samples: int | None = None
 
         def __post_init__(self):
-            from ..data.formats import SHAREGPT_TAGS
+            from ..data.formats import FORMAT_ALIASES, SHAREGPT_TAGS
 
+            self.format = FORMAT_ALIASES.get(self.format, self.format)
             if not self.path:
                 raise ConfigError("data.sources[].path is empty; give a file, folder or hub dataset id")
             unknown = sorted(set(self.tags or {}) - set(SHAREGPT_TAGS))
@@ -148,6 +152,9 @@ class DataConfig:
     streaming: bool = False
 
     def __post_init__(self):
+        from ..data.formats import FORMAT_ALIASES
+
+        self.format = FORMAT_ALIASES.get(self.format, self.format)
         self.dataset = self._names(self.dataset)
         n = len(self.files) + len(self.sources) + len(self.dataset)
         if n == 0:
