@@ -236,13 +236,13 @@ def pretrain(out: Path, s: DemoSettings, tokenizer, held_out: frozenset) -> tupl
     return pretrained, summary, {"seconds": seconds, "median_step_ms": 1000 * timer.median()}
 
 
-def study_pretrained(model, tokenizer, s: DemoSettings, evalset, out: Path) -> dict:
+def study_pretrained(model, tokenizer, s: DemoSettings, evalset, out: Path, profile_texts: list[str]) -> dict:
     """The pre-trained model's long tail: usage profile (written to `<out>/profile`), each
     skill's routing (on its evaluation questions), the share of it that reaches the least-used
     experts, and accuracy with least-used / most-used / random experts masked."""
     from ..pruning import select_experts, write_profile
 
-    prof = ev.profile(model, tokenizer, texts(corpus.sample(s.profile_texts, s.seed + 1)), "pretrained")
+    prof = ev.profile(model, tokenizer, profile_texts, "pretrained")
     write_profile(prof, out / "profile", overwrite=True)
     tail = select_experts(prof, "least_used", ratio=s.prune_ratio)
     routing = ev.skill_routing(model, tokenizer, {k: texts(v) for k, v in evalset.items()})
@@ -284,17 +284,23 @@ def arm_yaml(arm: Arm, base: str, data: str, out: Path, s: DemoSettings, seed: i
     return path
 
 
-def finetune_run(path: Path, seed: int) -> tuple[Path, dict]:
-    """`run_recipe(path)` from a fixed RNG state (new parameters, e.g. moe_bias_head's, are
-    initialised before the Trainer seeds itself); the final model folder and the step timing."""
-    from ..train import run_recipe
+def timed_run(seed: int, run):
+    """`run(callbacks)` from a fixed RNG state (new parameters, e.g. moe_bias_head's, are
+    initialised before the Trainer seeds itself), with a StepTimer among the callbacks: what it
+    returns and {steps, seconds, median_step_ms}."""
     from ..train.callbacks import StepTimer
 
     torch.manual_seed(seed)
     timer, t0 = StepTimer(), time.perf_counter()
-    final = run_recipe(path, callbacks=(timer,))[-1]
-    timing = {"seconds": time.perf_counter() - t0, "median_step_ms": 1000 * timer.median()}
-    return final, {"steps": len(timer.times), **timing}
+    result = run((timer,))
+    return result, {"steps": len(timer.times), "seconds": time.perf_counter() - t0, "median_step_ms": 1000 * timer.median()}
+
+
+def finetune_run(path: Path, seed: int) -> tuple[Path, dict]:
+    """`run_recipe(path)` (`timed_run`): the final model folder of its last phase and the step timing."""
+    from ..train import run_recipe
+
+    return timed_run(seed, lambda callbacks: run_recipe(path, callbacks=callbacks)[-1])
 
 
 def evaluate_finetuned(final: Path, tokenizer, evalset, profile_texts: list[str], s: DemoSettings) -> dict:
@@ -319,10 +325,10 @@ def target_pairs(s: DemoSettings, evalset) -> list[tuple[str, str]]:
     return corpus.sample(s.finetune_records, s.seed + 2, skills={s.target: 1.0}, exclude=held_out)
 
 
-def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs) -> tuple[dict, dict]:
-    """Every arm x every seed: train on `pairs`, evaluate. Returns (results, timing), both {arm: [per seed]}."""
+def finetune_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs, profile_texts) -> tuple[dict, dict]:
+    """Every arm x every seed: train on `pairs`, evaluate (profiles on `profile_texts`). Returns
+    (results, timing), both {arm: [per seed]}."""
     data = _write_jsonl(out / "data" / f"finetune_{s.target}.jsonl", pairs)
-    profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))
     results, timing = {}, {}
     for arm in METHODS:
         for seed in s.finetune_seeds:
@@ -357,16 +363,12 @@ def rl_recipe(arm: RLArm, base: str, data_file: str, out_dir: Path, s: DemoSetti
     }
 
 
-def rl_run(path: Path, cfg: dict, seed: int) -> tuple[Path, dict, list[dict]]:
-    """`train_rl` on one RL YAML's dict from a fixed RNG state: the final model folder, the step
-    timing and the log history."""
-    from ..rl import parse_rl_config, train_rl
-    from ..train.callbacks import StepTimer
+def rl_run(path: Path, seed: int) -> tuple[Path, dict, list[dict]]:
+    """`train_rl` on the RL YAML at `path` (`timed_run`): the final model folder, the step timing
+    and the log history."""
+    from ..rl import load_rl_config, train_rl
 
-    torch.manual_seed(seed)
-    timer, t0 = StepTimer(), time.perf_counter()
-    result = train_rl(parse_rl_config(cfg, source=path), callbacks=(timer,))
-    timing = {"steps": len(timer.times), "seconds": time.perf_counter() - t0, "median_step_ms": 1000 * timer.median()}
+    result, timing = timed_run(seed, lambda callbacks: train_rl(load_rl_config(path), callbacks=callbacks))
     return result.final_dir, timing, result.log_history
 
 
@@ -400,13 +402,12 @@ def completion_length(pairs) -> int:
     return max(len(a) for _, a in pairs) + 1
 
 
-def rl_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs) -> tuple[dict, dict]:
+def rl_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs, profile_texts) -> tuple[dict, dict]:
     """Every RL arm x its seeds: GRPO, evaluate as the SFT arms (`evaluate_finetuned`), plus
     the run's `rl_metrics`. Returns (results, timing), both {arm: [per seed]}. The prompts are
     the SFT arms' examples `pairs` (the same questions), as `instruction` + `answer` records."""
     data = out / "data" / f"rl_{s.target}.jsonl"
     atomic_write_text(data, "".join(json.dumps({"instruction": q, "answer": a}) + "\n" for q, a in pairs))
-    profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))
     results, timing = {}, {}
     for arm in RL_METHODS:
         for seed in s.rl_arm_seeds(arm):
@@ -414,7 +415,7 @@ def rl_all(base: Path, out: Path, s: DemoSettings, tokenizer, evalset, pairs) ->
             cfg = rl_recipe(arm, str(base), str(data), run_dir, s, seed, completion_length(pairs))
             path = _write_yaml(out / "configs" / arm.name / f"seed{seed}.yaml", cfg, command="rl")
             logger.info("demo: GRPO %s (seed %d) on %s for %d steps (%s)", arm.name, seed, s.target, s.finetune_steps, path)
-            final, run_timing, log_history = rl_run(path, cfg, seed)
+            final, run_timing, log_history = rl_run(path, seed)
             steps = run_timing.pop("steps")
             evaluation = evaluate_finetuned(final, tokenizer, evalset, profile_texts, s)
             results.setdefault(arm.name, []).append({"seed": seed, "steps": steps, **evaluation, "rl": rl_metrics(log_history)})
@@ -511,13 +512,14 @@ def _study(out: Path, s: DemoSettings, quick: bool, machine: dict) -> dict:
 
     base, pre, pre_timing = pretrain(out, s, tokenizer, held_out)
     model = AutoModelForCausalLM.from_pretrained(base)
-    pre.update(study_pretrained(model, tokenizer, s, evalset, out))
+    profile_texts = texts(corpus.sample(s.profile_texts, s.seed + 1))  # the corpus mix every usage profile is taken on
+    pre.update(study_pretrained(model, tokenizer, s, evalset, out, profile_texts))
     del model
     t1 = time.perf_counter()
     pairs = target_pairs(s, evalset)
-    results, ft_timing = finetune_all(base, out, s, tokenizer, evalset, pairs)
+    results, ft_timing = finetune_all(base, out, s, tokenizer, evalset, pairs, profile_texts)
     t2, cpu2 = time.perf_counter(), time.process_time()
-    rl_results, rl_timing = rl_all(base, out, s, tokenizer, evalset, pairs)
+    rl_results, rl_timing = rl_all(base, out, s, tokenizer, evalset, pairs, profile_texts)
     machine["load_average_end"] = list(os.getloadavg())
     summary = summarise({**results, **rl_results}, s.target)
     rl_arms = [{**dataclasses.asdict(a), "seeds": s.rl_arm_seeds(a)} for a in RL_METHODS]
