@@ -208,6 +208,8 @@ CASES: list[Case] = [
     Case("ablate-config-missing", ("ablate", "{tmp}/nope.yaml"), (r"nope\.yaml",)),
     # ---- demo --------------------------------------------------------------------------------
     Case("demo-out-not-a-demo", ("demo", "--out", "{tmp}/d"), (r"d exists", r"demo"), {"d/mine.txt": "x"}),
+    Case("demo-no-fine-tuning-seeds", ("demo", "--out", "{tmp}/d", "--seeds", "0"), (r"--seeds 0", r"at least 1")),
+    Case("demo-no-grpo-seeds", ("demo", "--out", "{tmp}/d", "--rl-seeds", "0"), (r"--rl-seeds 0", r"at least 1")),
 ]
 
 
