@@ -65,6 +65,11 @@ def is_user_error(error: BaseException) -> bool:
     return own or isinstance(error, (FileExistsError, FileNotFoundError, yaml.YAMLError))
 
 
+def _process_group_initialized() -> bool:
+    torch = sys.modules.get("torch")  # not imported yet: there is no process group (and --help stays light)
+    return torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # A process group the verb started (the Trainer's, under torchrun / deepspeed / accelerate) is
+    # destroyed when it ends: left to interpreter exit, gloo's worker threads can abort the process
+    # ("terminate called without an active exception") after the job itself succeeded.
+    owns_process_group = not _process_group_initialized()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -85,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         one_line = " ".join(line.strip() for line in str(e).splitlines())
         print(f"moe-sft {args.verb}: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if owns_process_group and _process_group_initialized():
+            sys.modules["torch"].distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

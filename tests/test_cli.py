@@ -115,3 +115,41 @@ def test_deepspeed_launcher_rank_argument_is_accepted():
 
     args = build_parser().parse_args(["--local_rank=1", "train", "recipe.yaml", "training.max_steps=4"])
     assert args.verb == "train" and args.config == "recipe.yaml" and args.overrides == ["training.max_steps=4"]
+
+
+def _init_gloo(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+
+
+def test_a_process_group_the_verb_started_is_destroyed_when_it_ends(tmp_path, monkeypatch):
+    # Left to interpreter exit, gloo's threads can abort a finished torchrun job (SIGABRT).
+    import torch.distributed as dist
+
+    from moe_sft import cli
+    from moe_sft.commands import profile
+
+    def verb(args):
+        _init_gloo(tmp_path)  # as the Trainer does under a launcher
+        assert dist.is_initialized()
+        return 0
+
+    monkeypatch.setattr(profile, "run", verb)
+    assert cli.main(["profile", "--model", "m", "--data", "d", "--out", str(tmp_path / "o")]) == 0
+    assert not dist.is_initialized()
+
+
+def test_a_process_group_started_before_the_verb_is_kept(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from moe_sft import cli
+    from moe_sft.commands import profile
+
+    monkeypatch.setattr(profile, "run", lambda args: 0)
+    _init_gloo(tmp_path)
+    try:
+        assert cli.main(["profile", "--model", "m", "--data", "d", "--out", str(tmp_path / "o")]) == 0
+        assert dist.is_initialized()  # the caller's group: not the verb's to destroy
+    finally:
+        dist.destroy_process_group()
