@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     # A process group the verb started (the Trainer's, under torchrun / deepspeed / accelerate) is
-    # destroyed when it ends: left to interpreter exit, gloo's worker threads can abort the process
-    # ("terminate called without an active exception") after the job itself succeeded.
+    # destroyed when it ends, as PyTorch asks: left to interpreter exit, its worker threads are torn
+    # down during finalisation, where they can crash a job that has already succeeded.
     owns_process_group = not _process_group_initialized()
     try:
         return int(args.func(args) or 0)

@@ -7,11 +7,11 @@ the assertions are made here, in the test process.
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _launch import run_job
 
 STEPS, MICRO = 3, 2
 
@@ -20,7 +20,7 @@ def test_two_ranks_hold_identical_biases(tmp_path):
     out = tmp_path / "ranks.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_SFT_TEST_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, outputs=(out,), env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = torch.load(out)
     gamma = seen["gamma"]

@@ -15,12 +15,12 @@ Compared, for 3 AdamW steps (lr 1e-3) on a tiny Qwen3-MoE:
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_job
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ep_gpu_check.py"
 TOL = 1e-5  # absolute: first-step logits and gradients, every loss, moe_sft tensors
@@ -32,7 +32,7 @@ def _run(layout: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
            "--layout", layout, "--lr", str(LR), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, outputs=(out,), env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
@@ -112,7 +112,7 @@ def test_moe_sft_train_with_a_parallel_block_matches_ddp(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moe_sft.cli",
                "train", "configs/tiny/qwen3_moe_moe_bias_head.yaml", f"training.output_dir={out}", "training.max_steps=4",
                "training.save_strategy='no'", "training.logging_steps=1", "condenser.bias.gamma=0.01", *extra]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        proc = run_job(cmd, outputs=(out,), cwd=root, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         losses = [json.loads(line.replace("'", '"'))["loss"] for line in proc.stdout.splitlines()
                   if line.startswith("{'loss'")]  # fmt: skip

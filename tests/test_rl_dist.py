@@ -4,12 +4,12 @@ all-reduced once per optimizer step) and the final checkpoint holds them."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_job
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_two_process_grpo_keeps_the_router_bias_identical_on_both_ranks(tmp_path
            f"grpo.output_dir={out}", f"grpo.max_steps={STEPS}", f"grpo.save_steps={STEPS}", "grpo.per_device_train_batch_size=2",
            "grpo.num_generations=2", "grpo.max_completion_length=6", "grpo.logging_steps=1",
            f"deepspeed=configs/deepspeed/zero{stage}.json"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_job(cmd, outputs=(out,), cwd=ROOT, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     ranks = [torch.load(out / f"bias_rank{r}.pt") for r in (0, 1)]

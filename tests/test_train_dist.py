@@ -5,12 +5,12 @@ and ESFT's profiling pass wired before patching."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_job
 from safetensors.torch import load_file
 
 import moe_sft
@@ -37,7 +37,7 @@ def _train(out: Path, *extra: str, nproc: int = 2, recipe: str = RECIPE, resume:
     cmd += ["train", recipe, f"training.output_dir={out}", "training.logging_steps=1", "training.report_to=none", *extra]
     if resume:
         cmd.append("--resume")
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_job(cmd, outputs=(out,), cwd=ROOT, env=_env(), timeout=600)  # not retried when out holds a run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 

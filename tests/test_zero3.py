@@ -9,12 +9,12 @@ And ranks whose tokens route to disjoint experts neither hang nor diverge under 
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_job
 
 import moe_sft
 from moe_sft.testing import tiny_model
@@ -72,7 +72,7 @@ def _run(case: str, backend: str, tmp_path: Path) -> Path:
         args.append(f"then={_phase2(tmp_path, out, case.split('_')[1])}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moe_sft.cli",
            "train", f"configs/tiny/{recipe}.yaml", *args, *extra]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_job(cmd, outputs=(out,), cwd=ROOT, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     if backend.startswith("zero3") and "model.path=" in " ".join(extra):
         assert "loaded partitioned (ZeRO-3 zero.Init)" in proc.stderr + proc.stdout  # transformers' partitioned loading
@@ -201,7 +201,7 @@ def _worker(out: Path) -> None:
 def test_ranks_routing_to_disjoint_experts_neither_hang_nor_diverge(tmp_path):
     out = tmp_path / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)  # a hang fails here
+    proc = run_job(cmd, outputs=(out,), cwd=ROOT, env=_env(), timeout=300)  # a hang fails here
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
     result = torch.load(out, weights_only=False)
     picks = result["picks"]
